@@ -1,0 +1,85 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { InputError } from '../errors.js';
+
+/**
+ * A random-access, read-only byte source: a file, a window of another source (a partition),
+ * or a decoded container (a VHD). Each format reader takes one and may return another, so
+ * readers compose like etcher-sdk's sources.
+ */
+export interface Source {
+  /** Name used in error messages, e.g. "disk.vhd" or "disk.vhd partition 1". */
+  readonly name: string;
+  /** Size in bytes. */
+  readonly size: number;
+  /**
+   * Read exactly `length` bytes at `position`. Reading outside [0, size) throws an InputError
+   * naming the source: a reader never trusts an on-disk offset.
+   */
+  read(position: number, length: number): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+function checkRange(src: { name: string; size: number }, position: number, length: number): void {
+  if (!Number.isSafeInteger(position) || !Number.isSafeInteger(length) || position < 0 || length < 0 || position + length > src.size) {
+    throw new InputError(src.name, `read of ${length} bytes at offset ${position} is outside the ${src.size}-byte image`);
+  }
+}
+
+export class FileSource implements Source {
+  private constructor(
+    readonly name: string,
+    readonly size: number,
+    private readonly fh: FileHandle,
+  ) {}
+
+  static async open(path: string, name = path): Promise<FileSource> {
+    let fh: FileHandle;
+    try {
+      fh = await open(path, 'r');
+    } catch (err) {
+      throw new InputError(name, `cannot open: ${(err as Error).message}`, { cause: err });
+    }
+    const st = await fh.stat();
+    return new FileSource(name, st.size, fh);
+  }
+
+  async read(position: number, length: number): Promise<Buffer> {
+    checkRange(this, position, length);
+    const buf = Buffer.allocUnsafe(length);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await this.fh.read(buf, done, length - done, position + done);
+      if (bytesRead === 0) throw new InputError(this.name, `unexpected end of file at offset ${position + done}`);
+      done += bytesRead;
+    }
+    return buf;
+  }
+
+  close(): Promise<void> {
+    return this.fh.close();
+  }
+}
+
+/** A window [offset, offset + size) of another source; closing it leaves the parent open. */
+export class SliceSource implements Source {
+  constructor(
+    private readonly parent: Source,
+    readonly offset: number,
+    readonly size: number,
+    readonly name: string = `${parent.name}@${offset}`,
+  ) {
+    if (offset < 0 || size < 0 || offset + size > parent.size) {
+      throw new InputError(parent.name, `region of ${size} bytes at offset ${offset} lies outside the ${parent.size}-byte image`);
+    }
+  }
+
+  read(position: number, length: number): Promise<Buffer> {
+    checkRange(this, position, length);
+    return this.parent.read(this.offset + position, length);
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** Exposed for sources implemented elsewhere (vhd, xva) so all report ranges alike. */
+export { checkRange as checkReadRange };
