@@ -260,7 +260,7 @@ class FixedVhdSource implements VhdSource {
     this.size = info.currentSize;
   }
 
-  read(position: number, length: number): Promise<Buffer> {
+  async read(position: number, length: number): Promise<Buffer> {
     checkReadRange(this, position, length);
     return this.file.read(position, length);
   }
