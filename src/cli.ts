@@ -1,0 +1,131 @@
+#!/usr/bin/env node
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { doctor, type Check } from './doctor.js';
+import { CancelledError } from './errors.js';
+import { formatBytes } from './pipeline/runner.js';
+import { convertDdk, type ConvertResult } from './pipeline/pipeline.js';
+import { VERSION } from './version.js';
+
+const collect = (value: string, previous: string[]) => [...previous, value];
+
+function parseLabel(value: string, previous: Record<string, string>): Record<string, string> {
+  const eq = value.indexOf('=');
+  if (eq <= 0) throw new InvalidArgumentError(`${JSON.stringify(value)} is not K=V`);
+  return { ...previous, [value.slice(0, eq)]: value.slice(eq + 1) };
+}
+
+function parsePartition(value: string): number | 'auto' {
+  if (value === 'auto') return 'auto';
+  if (!/^[1-9]\d*$/.test(value)) throw new InvalidArgumentError('a partition number (1, 2, …) or auto');
+  return Number(value);
+}
+
+/** One JSON-safe object: bigints are not expected, but keep output robust. */
+function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v), 2)}\n`);
+}
+
+function summary(r: ConvertResult): string {
+  const where = r.image ? `image ${r.image.tag ?? r.image.id}${r.image.tag ? ` (${r.image.id.slice(0, 19)})` : ''}` : r.path ?? r.output;
+  const total = r.stages.reduce((s, t) => s + t.seconds, 0);
+  return `${where}: ${r.files} entries, ${formatBytes(r.bytes)}, ${r.diffId} in ${total.toFixed(1)} s`;
+}
+
+/**
+ * SIGINT/SIGTERM abort the run; the pipeline then undoes its mounts, loop devices, temp files and
+ * half-imported image before the process exits. A second signal during cleanup is ignored.
+ */
+function abortOnSignals(): { signal: AbortSignal; dispose(): void } {
+  const controller = new AbortController();
+  const handler = (sig: NodeJS.Signals) => {
+    if (!controller.signal.aborted) {
+      process.stderr.write(`\nddk2docker: ${sig}: stopping and cleaning up\n`);
+      controller.abort(new CancelledError(sig));
+    }
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+  return {
+    signal: controller.signal,
+    dispose: () => {
+      process.off('SIGINT', handler);
+      process.off('SIGTERM', handler);
+    },
+  };
+}
+
+function printChecks(title: string, checks: Check[]): void {
+  process.stdout.write(`${title}\n`);
+  for (const c of checks) process.stdout.write(`  ${c.ok ? 'ok  ' : 'no  '} ${c.name.padEnd(22)} ${c.detail}\n`);
+}
+
+const program = new Command('ddk2docker')
+  .description('Turn a XenServer DDK ISO into a Docker base image')
+  .version(VERSION)
+  .showHelpAfterError()
+  .configureOutput({ outputError: (str, write) => write(str) });
+
+program
+  .command('convert')
+  .description('convert a DDK ISO, .vhd or raw disk image (path or http(s) URL) into an image')
+  .argument('<source>', 'DDK ISO, .vhd, raw disk image, or an http(s) URL of one')
+  .option('--tag <repo:tag>', 'name for the image (given only after it is verified)')
+  .addOption(new Option('--engine <engine>', 'builtin: in-process, no root; host: mount/zcat/qemu-img/losetup/tar').choices(['builtin', 'host']).default('builtin'))
+  .option('--output <target>', 'docker | docker-archive:FILE | oci:DIR | rootfs:FILE.tar[.gz]', 'docker')
+  .option('--sha256 <hex>', 'expected sha256 of the source')
+  .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
+  .option('--change <instruction>', "Dockerfile instruction to apply, e.g. 'CMD [\"/bin/bash\"]' (repeatable)", collect, [] as string[])
+  .option('--label <k=v>', 'image label (repeatable)', parseLabel, {} as Record<string, string>)
+  .option('--smoke <cmd>', 'command that must succeed in a container from the image')
+  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
+  .option('--keep-workdir', 'keep the scratch space for inspection')
+  .option('--cache-dir <dir>', 'download cache')
+  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
+  .option('--quiet', 'no progress output')
+  .action(async (source: string, o: Record<string, unknown>) => {
+    const sig = abortOnSignals();
+    try {
+      const result = await convertDdk({
+        source,
+        engine: o.engine as 'builtin' | 'host',
+        output: o.output as string,
+        partition: o.partition as number | 'auto',
+        changes: o.change as string[],
+        labels: o.label as Record<string, string>,
+        ...(o.tag ? { tag: o.tag as string } : {}),
+        ...(o.sha256 ? { sha256: o.sha256 as string } : {}),
+        ...(o.smoke !== undefined ? { smoke: o.smoke as string } : {}),
+        ...(o.workdir ? { workdir: o.workdir as string } : {}),
+        ...(o.cacheDir ? { cacheDir: o.cacheDir as string } : {}),
+        keepWorkdir: Boolean(o.keepWorkdir),
+        renderer: o.quiet ? 'silent' : 'auto',
+        signal: sig.signal,
+      });
+      if (o.json) printJson(result);
+      else process.stdout.write(`${summary(result)}\n`);
+    } finally {
+      sig.dispose();
+    }
+  });
+
+program
+  .command('doctor')
+  .description('which engines and outputs work on this machine, and why not')
+  .option('--json', 'print one JSON object')
+  .action(async (o: { json?: boolean }) => {
+    const report = await doctor();
+    if (o.json) return printJson(report);
+    printChecks('Engines', report.engines);
+    printChecks('Outputs', report.outputs);
+    printChecks('This machine', report.facilities);
+  });
+
+try {
+  await program.parseAsync();
+} catch (err) {
+  const e = err as Error;
+  const msg = (e.message || String(err)).split('\n')[0];
+  process.stderr.write(`ddk2docker: ${msg}\n`);
+  if (process.env.DDK2DOCKER_DEBUG) process.stderr.write(`${e.stack}\n`);
+  process.exitCode = err instanceof CancelledError ? 130 : 1;
+}

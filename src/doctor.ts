@@ -1,0 +1,70 @@
+import { connect, daemonName, ping } from './docker/daemon.js';
+import { run } from './host/exec.js';
+import { isoMethod, partitionMethod, probeFacilities, type Facilities } from './host/facilities.js';
+
+/** What works on this machine, and why not: the answer to "which engine and output can I use here?" */
+export interface Check {
+  name: string;
+  ok: boolean;
+  detail: string;
+}
+
+export interface DoctorReport {
+  engines: Check[];
+  outputs: Check[];
+  facilities: Check[];
+}
+
+function missing(f: Facilities, tools: string[]): string[] {
+  return tools.filter((t) => !f.tools[t]);
+}
+
+export async function doctor(): Promise<DoctorReport> {
+  const f = await probeFacilities();
+  const iso = isoMethod(f);
+  const part = partitionMethod(f);
+  const hostTools = missing(f, ['zcat', 'dd', 'qemu-img', 'sfdisk', 'tar', 'mount', 'umount', 'blkid']);
+  const gnuTar = f.tools.tar ? /GNU tar/.test(await run('tar', ['--version'], 'tar --version').catch(() => '')) : false;
+  const hostProblems = [
+    ...(iso.method ? [] : [`ISO: ${iso.why}`]),
+    ...(part.method ? [] : [`partitions: ${part.why}`]),
+    ...(hostTools.length ? [`missing tools: ${hostTools.join(', ')}`] : []),
+    ...(f.tools.tar && !gnuTar ? ['tar is not GNU tar (needs --xattrs, --sort)'] : []),
+  ];
+  const engines: Check[] = [
+    { name: 'builtin', ok: true, detail: 'in-process readers (ISO 9660, VHD, MBR/GPT, ext2/3/4): no root, no tools' },
+    {
+      name: 'host',
+      ok: hostProblems.length === 0,
+      detail: hostProblems.length ? hostProblems.join('; ') : `ISO via ${iso.why}; partitions via ${part.why}`,
+    },
+  ];
+  if (hostProblems.length === 0 && (iso.method !== 'kernel' || part.method !== 'kpartx')) {
+    engines[1]!.detail = `works with fallbacks: ISO via ${iso.why}; partitions via ${part.why}`;
+  }
+  let dockerOk = true;
+  let dockerDetail = `daemon at ${daemonName()}`;
+  try {
+    const docker = connect();
+    await ping(docker);
+    const v = await docker.version();
+    dockerDetail = `Docker ${v.Version} at ${daemonName()}`;
+  } catch (err) {
+    dockerOk = false;
+    dockerDetail = (err as Error).message;
+  }
+  const outputs: Check[] = [
+    { name: 'docker', ok: dockerOk, detail: dockerDetail },
+    { name: 'docker-archive:FILE', ok: true, detail: 'no daemon needed (docker load)' },
+    { name: 'oci:DIR', ok: true, detail: 'no daemon needed (OCI image layout)' },
+    { name: 'rootfs:FILE.tar[.gz]', ok: true, detail: 'no daemon needed (plain root file system tarball)' },
+  ];
+  const facilities: Check[] = [
+    { name: 'root', ok: f.root, detail: f.root ? 'running as root' : `running as uid ${process.getuid?.()}` },
+    { name: 'loop devices', ok: f.loop, detail: f.loop ? '/dev/loop-control' : 'no /dev/loop-control' },
+    { name: 'kernel iso9660', ok: f.kernelIso9660, detail: f.kernelIso9660 ? 'mount -t iso9660 works' : 'no iso9660 driver: mount -t iso9660 fails' },
+    { name: 'FUSE', ok: f.fuse && !!f.tools.fuseiso, detail: f.fuse ? (f.tools.fuseiso ? 'fuseiso can mount ISOs' : '/dev/fuse present but fuseiso missing') : 'no /dev/fuse' },
+    { name: 'device-mapper', ok: f.deviceMapper && !!f.tools.kpartx, detail: f.deviceMapper ? (f.tools.kpartx ? 'kpartx works' : 'kpartx missing') : 'no device-mapper: kpartx unavailable, using losetup --offset' },
+  ];
+  return { engines, outputs, facilities };
+}

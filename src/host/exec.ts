@@ -1,0 +1,47 @@
+import { access, constants } from 'node:fs/promises';
+import { delimiter, join } from 'node:path';
+import { execa, ExecaError, type Options, type ResultPromise } from 'execa';
+import { CancelledError, EnvironmentError } from '../errors.js';
+
+/** Run a tool with an argument array (never a shell string), tied to the run's abort signal. */
+export function tool(file: string, args: readonly string[], options: Options & { signal?: AbortSignal } = {}): ResultPromise {
+  const { signal, ...rest } = options;
+  return execa(file, args, { cancelSignal: signal, forceKillAfterDelay: 3000, stripFinalNewline: true, ...rest });
+}
+
+/** Turn an execa failure into one line naming the tool and what it said. */
+export function toolError(err: unknown, what: string): Error {
+  if (err instanceof ExecaError) {
+    if (err.isCanceled) return new CancelledError();
+    if (err.code === 'ENOENT') return new EnvironmentError(`${what}: ${err.command.split(' ')[0]} is not installed`);
+    const said = String(err.stderr ?? '').trim().split('\n').filter(Boolean).pop() ?? err.shortMessage;
+    return new Error(`${what}: ${said}`, { cause: err });
+  }
+  return err instanceof Error ? err : new Error(String(err));
+}
+
+/** Run a tool to completion and return its stdout, with errors made readable. */
+export async function run(file: string, args: readonly string[], what: string, options: Options & { signal?: AbortSignal } = {}): Promise<string> {
+  try {
+    const r = await tool(file, args, options);
+    return String(r.stdout ?? '');
+  } catch (err) {
+    throw toolError(err, what);
+  }
+}
+
+/** The full path of a command found on PATH (plus the sbin directories tools live in), or undefined. */
+export async function which(file: string): Promise<string | undefined> {
+  const dirs = [...(process.env.PATH ?? '').split(delimiter), '/usr/local/sbin', '/usr/sbin', '/sbin'];
+  for (const dir of dirs) {
+    if (!dir) continue;
+    const candidate = join(dir, file);
+    try {
+      await access(candidate, constants.X_OK);
+      return candidate;
+    } catch {
+      // not here; keep looking
+    }
+  }
+  return undefined;
+}

@@ -1,0 +1,79 @@
+import { createReadStream } from 'node:fs';
+import { readdir, readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { InputError } from '../errors.js';
+import type { Cleanup } from '../pipeline/cleanup.js';
+import { run, tool } from './exec.js';
+import type { IsoMethod } from './facilities.js';
+import { mount, mountPoint, unmount } from './mounts.js';
+
+/** The files of an ISO as the host engine reaches them: a kernel or FUSE mount, or bsdtar. */
+export interface HostIso {
+  method: IsoMethod;
+  /** Names in a directory ('' for none). */
+  list(dir: string): Promise<string[]>;
+  readFile(path: string): Promise<Buffer>;
+  size(path: string): Promise<number>;
+  open(path: string): Readable;
+  /** A file system path of an ISO file, when the ISO is mounted. */
+  pathOf(path: string): string | undefined;
+}
+
+export async function openHostIso(
+  iso: string,
+  method: IsoMethod,
+  ctx: { cleanup: Cleanup; workdir: string; signal: AbortSignal },
+): Promise<HostIso> {
+  if (method === 'bsdtar') return bsdtarIso(iso, ctx.signal);
+  const dir = await mountPoint(ctx.workdir, ctx.cleanup, 'iso');
+  if (method === 'kernel') {
+    await mount(ctx.cleanup, { device: iso, dir, type: 'iso9660', options: ['loop', 'ro', 'nodev', 'nosuid', 'noexec'], signal: ctx.signal, what: `mount ${iso}` }).catch((err: Error) => {
+      throw new InputError(iso, `cannot mount as ISO 9660: ${err.message}`);
+    });
+  } else {
+    await run('fuseiso', [iso, dir], `fuseiso ${iso}`, { signal: ctx.signal });
+    ctx.cleanup.defer(`unmount ${dir}`, () => unmount(dir, true));
+  }
+  const at = (p: string) => join(dir, p);
+  return {
+    method,
+    list: async (d) => readdir(at(d)).catch(() => []),
+    readFile: (p) => readFile(at(p)),
+    size: async (p) => (await stat(at(p))).size,
+    open: (p) => createReadStream(at(p), { highWaterMark: 1 << 20 }),
+    pathOf: at,
+  };
+}
+
+function bsdtarIso(iso: string, signal: AbortSignal): HostIso {
+  let listing: Promise<Map<string, number>> | undefined;
+  const entries = () =>
+    (listing ??= run('bsdtar', ['-tvf', iso], `bsdtar -tf ${iso}`, { signal }).then((out) => {
+      const m = new Map<string, number>();
+      for (const line of out.split('\n')) {
+        // -rw-r--r--  0 0 0 1023 Nov 24 01:37 ddk/xvda/chunk-000000000.gz
+        const f = /^\S+\s+\d+\s+\S+\s+\S+\s+(\d+)\s+\S+\s+\S+\s+\S+\s+(.*)$/.exec(line);
+        if (f) m.set(f[2]!.replace(/\/$/, ''), Number(f[1]));
+      }
+      return m;
+    }));
+  return {
+    method: 'bsdtar',
+    list: async (d) => {
+      const prefix = d ? `${d}/` : '';
+      return [...(await entries()).keys()].filter((p) => p.startsWith(prefix) && p.length > prefix.length && !p.slice(prefix.length).includes('/')).map((p) => p.slice(prefix.length));
+    },
+    readFile: async (p) => {
+      const r = await tool('bsdtar', ['-xOf', iso, p], { signal, encoding: 'buffer' });
+      return Buffer.from(r.stdout as Uint8Array);
+    },
+    size: async (p) => {
+      const s = (await entries()).get(p);
+      if (s === undefined) throw new InputError(iso, `no ${p} in the ISO`);
+      return s;
+    },
+    open: (p) => tool('bsdtar', ['-xOf', iso, p], { signal, encoding: 'buffer', buffer: false }).stdout as Readable,
+    pathOf: () => undefined,
+  };
+}

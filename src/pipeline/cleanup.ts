@@ -1,0 +1,43 @@
+/**
+ * What a run must undo, newest first: mounts before loop devices before temp dirs. Every step
+ * runs even when an earlier one fails, so one stuck unmount does not leave a loop device behind.
+ */
+export class Cleanup {
+  private steps: { label: string; fn: () => Promise<void>; onlyOnFailure: boolean }[] = [];
+
+  /** Register an undo step; returns a function that runs it now (and forgets it). */
+  defer(label: string, fn: () => Promise<void>): () => Promise<void> {
+    return this.push(label, fn, false);
+  }
+
+  /** Register a step that runs only if the run fails (e.g. removing a half-made image). */
+  onFailure(label: string, fn: () => Promise<void>): () => Promise<void> {
+    return this.push(label, fn, true);
+  }
+
+  private push(label: string, fn: () => Promise<void>, onlyOnFailure: boolean): () => Promise<void> {
+    const step = { label, fn, onlyOnFailure };
+    this.steps.push(step);
+    return async () => {
+      const i = this.steps.indexOf(step);
+      if (i === -1) return;
+      this.steps.splice(i, 1);
+      await fn();
+    };
+  }
+
+  /** Run every step, newest first; returns one line per step that failed. */
+  async run(failed: boolean): Promise<string[]> {
+    const failures: string[] = [];
+    while (this.steps.length > 0) {
+      const step = this.steps.pop()!;
+      if (step.onlyOnFailure && !failed) continue;
+      try {
+        await step.fn();
+      } catch (err) {
+        failures.push(`${step.label}: ${(err as Error).message}`);
+      }
+    }
+    return failures;
+  }
+}

@@ -1,0 +1,55 @@
+import type { Readable } from 'node:stream';
+import { ExtFileSystem } from '../formats/ext/index.js';
+import { packTree } from '../formats/tar.js';
+import { tool, toolError } from '../host/exec.js';
+import { mount, mountPoint } from '../host/mounts.js';
+import type { MappedRoot } from './map.js';
+import { readOnlyOptions } from './map.js';
+import type { StageContext } from './stage.js';
+
+/** export: the root file system as one tar stream; `done` settles when the producer has finished. */
+export interface Layer {
+  stream: Readable;
+  done: Promise<void>;
+}
+
+/**
+ * GNU tar flags for a faithful, reproducible archive: numeric owners, every xattr (file
+ * capabilities live in security.capability), pax for nanosecond mtimes and long names, sorted
+ * names, and no atime/ctime or pid-bearing header names that would change between runs.
+ */
+export const GNU_TAR_ARGS = [
+  '--numeric-owner',
+  '--xattrs',
+  '--xattrs-include=*',
+  '--format=posix',
+  '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime',
+  '--sort=name',
+  '--one-file-system',
+];
+
+async function hostExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
+  const dir = await mountPoint(ctx.workdir, ctx.cleanup, 'root');
+  const fsType = root.fsType ?? 'ext4';
+  const unmount = await mount(ctx.cleanup, { device: root.device!, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount partition ${root.index}` });
+  const tar = tool('tar', [...GNU_TAR_ARGS, '-C', dir, '-cf', '-', '.'], { signal: ctx.signal, encoding: 'buffer', buffer: { stdout: false } });
+  const done = (async () => {
+    try {
+      await tar;
+    } catch (err) {
+      throw toolError(err, `tar of partition ${root.index}`);
+    }
+    await unmount();
+  })();
+  return { stream: tar.stdout as Readable, done };
+}
+
+async function builtinExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
+  const fs = await ExtFileSystem.open(root.source!);
+  const packed = packTree(fs.walk({ signal: ctx.signal }), (e) => fs.readFile(e), { signal: ctx.signal });
+  return { stream: packed.stream, done: packed.done.then(() => undefined) };
+}
+
+export async function exportRoot(ctx: StageContext, root: MappedRoot): Promise<Layer> {
+  return ctx.engine === 'builtin' ? builtinExport(ctx, root) : hostExport(ctx, root);
+}

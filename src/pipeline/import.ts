@@ -1,0 +1,59 @@
+import { pipeline } from 'node:stream/promises';
+import type Docker from 'dockerode';
+import { connect, importLayer, ping, removeImage } from '../docker/daemon.js';
+import { applyChanges, type Architecture } from '../docker/image.js';
+import { writeOutput, type Output } from '../docker/outputs.js';
+import type { Layer } from './export.js';
+import { LayerMeter } from './meter.js';
+import type { StageContext } from './stage.js';
+
+/** import: the layer tar into the daemon (streamed, untagged until verified) or into a file output. */
+export interface Imported {
+  /** Image id in the daemon, for --output docker. */
+  imageId?: string;
+  docker?: Docker;
+  /** Written file or directory, for the file outputs. */
+  path?: string;
+  diffId: string;
+  files: number;
+  bytes: number;
+}
+
+export interface ImageSpec {
+  changes: string[];
+  labels: Record<string, string>;
+  architecture: Architecture;
+  tag?: string;
+  message: string;
+}
+
+/** LABEL instruction in Dockerfile syntax, with both key and value quoted. */
+export function labelChange(labels: Record<string, string>): string[] {
+  const q = (s: string) => JSON.stringify(s);
+  const pairs = Object.entries(labels).map(([k, v]) => `${q(k)}=${q(v)}`);
+  return pairs.length ? [`LABEL ${pairs.join(' ')}`] : [];
+}
+
+export async function importStage(ctx: StageContext, layer: Layer, output: Output, spec: ImageSpec): Promise<Imported> {
+  const meter = new LayerMeter((n) => ctx.progress.add(n));
+  const changes = [...labelChange(spec.labels), ...spec.changes];
+  if (output.kind === 'docker') {
+    const docker = connect();
+    await ping(docker);
+    const metered = layer.stream.pipe(meter);
+    layer.stream.once('error', (err) => metered.destroy(err));
+    const [imageId] = await Promise.all([importLayer(docker, metered, { changes, message: spec.message, signal: ctx.signal }), layer.done]);
+    ctx.cleanup.onFailure(`remove image ${imageId}`, () => removeImage(docker, imageId));
+    return { imageId, docker, diffId: meter.diffId, files: meter.files, bytes: meter.bytes };
+  }
+  const config = applyChanges({}, changes);
+  const [result] = await Promise.all([
+    writeOutput(output, meter, { architecture: spec.architecture, config, ...(spec.tag ? { tag: spec.tag } : {}) }, { signal: ctx.signal }),
+    pipeline(layer.stream, meter, { signal: ctx.signal, end: true }).catch((err: unknown) => {
+      meter.destroy(err as Error);
+      throw err;
+    }),
+    layer.done,
+  ]);
+  return { path: result.path, diffId: result.diffId, files: meter.files, bytes: meter.bytes };
+}

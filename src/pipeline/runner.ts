@@ -1,0 +1,113 @@
+import { Listr, ListrLogger, ProcessOutput, type ListrTaskWrapper } from 'listr2';
+import type { Cleanup } from './cleanup.js';
+import { Progress, type Engine, type StageContext, type StageName } from './stage.js';
+
+export interface StageTiming {
+  name: StageName;
+  seconds: number;
+  bytes: number;
+}
+
+export interface StageSpec {
+  name: StageName;
+  title: string;
+  run(ctx: StageContext): Promise<void>;
+}
+
+/** A step is one stage, or stages that run at once (a producer and its consumer). */
+export type Step = StageSpec | StageSpec[];
+
+export type RendererKind = 'auto' | 'plain' | 'silent';
+
+const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+export function formatBytes(n: number): string {
+  let u = 0;
+  while (n >= 1024 && u < UNITS.length - 1) {
+    n /= 1024;
+    u++;
+  }
+  return `${n.toFixed(u === 0 ? 0 : 1)} ${UNITS[u]}`;
+}
+
+function formatSeconds(s: number): string {
+  if (!Number.isFinite(s)) return '?';
+  const m = Math.floor(s / 60);
+  return m > 0 ? `${m}m${String(Math.round(s % 60)).padStart(2, '0')}s` : `${Math.round(s)}s`;
+}
+
+/** "1.2 GiB / 3.3 GiB, 180.0 MiB/s, ETA 12s" */
+export function progressLine(p: Progress, seconds: number): string {
+  if (p.done === 0) return '';
+  const rate = seconds > 0 ? p.done / seconds : 0;
+  const parts = [p.total ? `${formatBytes(p.done)} / ${formatBytes(p.total)}` : formatBytes(p.done), `${formatBytes(rate)}/s`];
+  if (p.total && rate > 0 && p.done < p.total) parts.push(`ETA ${formatSeconds((p.total - p.done) / rate)}`);
+  return parts.join(', ');
+}
+
+/**
+ * Run the steps as listr2 tasks on stderr (stdout stays free for --json): a live view on a
+ * terminal, plain lines with progress every few seconds in CI logs. Every stage is timed.
+ */
+export async function runSteps(
+  steps: Step[],
+  base: { engine: Engine; signal: AbortSignal; cleanup: Cleanup; workdir: string; abort: (err: unknown) => void },
+  renderer: RendererKind,
+): Promise<StageTiming[]> {
+  const timings: StageTiming[] = [];
+  const tty = renderer === 'auto' && process.stderr.isTTY === true;
+  const logger = new ListrLogger({ processOutput: new ProcessOutput(process.stderr, process.stderr), useIcons: tty });
+
+  const task = (spec: StageSpec) => ({
+    title: spec.title,
+    task: async (_: unknown, t: ListrTaskWrapper<unknown, never, never>) => {
+      const progress = new Progress();
+      const notes: string[] = [];
+      const started = performance.now();
+      const elapsed = () => (performance.now() - started) / 1000;
+      const show = () => {
+        const line = progressLine(progress, elapsed());
+        t.output = [...notes, line].filter(Boolean).join('\n');
+      };
+      const timer = setInterval(show, tty ? 200 : 5000);
+      const ctx: StageContext = {
+        ...base,
+        progress,
+        note: (text) => {
+          notes.push(text);
+          show();
+        },
+      };
+      try {
+        await spec.run(ctx);
+      } catch (err) {
+        base.abort(err);
+        throw err;
+      } finally {
+        clearInterval(timer);
+        timings.push({ name: spec.name, seconds: Math.round(elapsed() * 1000) / 1000, bytes: progress.done });
+      }
+      const rate = progress.done > 0 ? ` (${formatBytes(progress.done)} in ${elapsed().toFixed(1)} s)` : ` (${elapsed().toFixed(1)} s)`;
+      t.title = `${spec.title}${rate}`;
+    },
+  });
+
+  const list = new Listr(
+    steps.map((step) =>
+      Array.isArray(step)
+        ? { title: step.map((s) => s.title).join(' → '), task: (_: unknown, t: ListrTaskWrapper<unknown, never, never>) => t.newListr(step.map(task), { concurrent: true, exitOnError: true }) }
+        : task(step),
+    ) as never,
+    {
+      concurrent: false,
+      exitOnError: true,
+      registerSignalListeners: false,
+      renderer: renderer === 'silent' ? 'silent' : tty ? 'default' : 'simple',
+      rendererOptions: { logger, collapseSubtasks: false, persistentOutput: true } as never,
+      fallbackRenderer: 'simple',
+      fallbackRendererOptions: { logger } as never,
+      fallbackRendererCondition: () => !tty && renderer !== 'silent',
+    },
+  );
+  await list.run();
+  return timings;
+}
