@@ -52,6 +52,10 @@ const CERTIFICATE_ERRORS = new Set([
   'ERR_TLS_CERT_ALTNAME_INVALID',
 ]);
 
+export function oneLine(text: string): string {
+  return text.replace(/\s*[\r\n]+\s*/g, ' ').trim();
+}
+
 export function displayUrl(url: URL): string {
   const path = url.pathname === '/' ? '' : url.pathname;
   return `${url.protocol}//${url.host}${path}`;
@@ -69,9 +73,12 @@ function transportError(endpoint: RpcEndpoint, error: NodeJS.ErrnoException): Er
     );
   }
   if (code.startsWith('ERR_SSL') || code === 'EPROTO' || code.startsWith('ERR_TLS')) {
-    return new XapiError('TLS', where, `TLS with XAPI at ${where} failed: ${error.message}`);
+    // OpenSSL's message carries its source file and line; its reason alone is what users can act on.
+    const reason = /:error:[0-9A-F]+:[^:]*:[^:]*:([^:]+):/.exec(error.message)?.[1];
+    const detail = reason ?? error.message;
+    return new XapiError('TLS', where, `TLS with XAPI at ${where} failed: ${oneLine(detail)}`);
   }
-  return new XapiError('UNREACHABLE', where, `cannot reach XAPI at ${where}: ${error.message}`);
+  return new XapiError('UNREACHABLE', where, `cannot reach XAPI at ${where}: ${oneLine(error.message)}`);
 }
 
 function post(endpoint: RpcEndpoint, body: string, signal: AbortSignal | undefined): Promise<string> {

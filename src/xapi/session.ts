@@ -3,7 +3,7 @@ import https from 'node:https';
 import { readFile } from 'node:fs/promises';
 import { rootCertificates } from 'node:tls';
 import { CancelledError, InputError, throwIfAborted } from '../errors.js';
-import { displayUrl, type RpcEndpoint, XapiError, xmlRpcCall } from './rpc.js';
+import { displayUrl, oneLine, type RpcEndpoint, XapiError, xmlRpcCall } from './rpc.js';
 
 /** How to reach XAPI. Credentials are never an option: they come from XAPI_USER / XAPI_PASSWORD. */
 export interface XapiConnectOptions {
@@ -58,10 +58,6 @@ export function parseXapiUrl(text: string): URL {
   url.search = '';
   url.hash = '';
   return url;
-}
-
-function oneLine(text: string): string {
-  return text.replace(/\s*[\r\n]+\s*/g, ' ').trim();
 }
 
 /** Turns XAPI's failure codes into sentences naming what is wrong and where. */
