@@ -314,8 +314,16 @@ export async function startXapiStandin(options: XapiStandinOptions = {}): Promis
   for (const action of ['start', 'stop', 'restart', 'pause', 'unpause'] as const) {
     plugin[action] = async (args) => {
       const { vm, id, docker: d } = pluginContainer(args);
+      const container = d.getContainer(id);
+      const run = {
+        start: () => container.start(),
+        stop: () => container.stop(),
+        restart: () => container.restart(),
+        pause: () => container.pause(),
+        unpause: () => container.unpause(),
+      }[action];
       try {
-        await d.getContainer(id)[action]();
+        await run();
       } catch (error) {
         throw dockerFailure(`POST /containers/${id}/${action}`, error);
       }
