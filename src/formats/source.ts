@@ -73,7 +73,7 @@ export class SliceSource implements Source {
     }
   }
 
-  read(position: number, length: number): Promise<Buffer> {
+  async read(position: number, length: number): Promise<Buffer> {
     checkRange(this, position, length);
     return this.parent.read(this.offset + position, length);
   }

@@ -2,7 +2,7 @@ import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { InputError } from '../errors.js';
 import { ExtFileSystem } from '../formats/ext/index.js';
-import { chooseRootPartition, partitionSource, readPartitionTable } from '../formats/partitions.js';
+import { chooseRootPartition, partitionSource, readPartitionTable, type Partition } from '../formats/partitions.js';
 import type { Source } from '../formats/source.js';
 import { partitionMethod, probeFacilities } from '../host/facilities.js';
 import { blkidType, kpartxMap, sfdiskPartitions, type HostPartition } from '../host/partitions.js';
@@ -34,16 +34,16 @@ function describe(parts: { index: number; type: string; size: number }[]): strin
 async function builtinMap(ctx: StageContext, disk: RawDisk, choice: PartitionChoice): Promise<MappedRoot> {
   const src = disk.source!;
   const table = await readPartitionTable(src);
-  const probe = async (p: { offset: number; size: number; index: number }) => {
+  const probe = async (p: Partition) => {
     try {
-      const fs = await ExtFileSystem.open(partitionSource(src, p as never));
+      const fs = await ExtFileSystem.open(partitionSource(src, p));
       for (const f of RELEASE_FILES) if (await fs.lookup(f)) return true;
     } catch {
       // not an ext file system we can read: not the root
     }
     return false;
   };
-  const root = await chooseRootPartition(table.partitions, probe, choice);
+  const root = await chooseRootPartition(table.partitions, probe, choice, src.name);
   ctx.note(`partition ${root.index} (${table.scheme}, type ${root.type}) at offset ${root.offset}`);
   return { index: root.index, offset: root.offset, size: root.size, source: partitionSource(src, root) };
 }
