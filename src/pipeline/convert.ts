@@ -38,8 +38,9 @@ export async function convert(ctx: StageContext, disk: { path: string; name: str
     return { path: disk.path, size: src.size, payload: 'raw' };
   }
   const info = await vhdInfo(src);
-  if (declaredSize !== undefined && info.currentSize !== declaredSize) {
-    throw new InputError(disk.name, `VHD virtual size ${info.currentSize} differs from the ${declaredSize} bytes ova.xml declares`);
+  // Tools round a VHD's size up to a CHS geometry, so a larger virtual size is normal; a smaller one loses data.
+  if (declaredSize !== undefined && info.currentSize < declaredSize) {
+    throw new InputError(disk.name, `VHD virtual size ${info.currentSize} is smaller than the ${declaredSize} bytes ova.xml declares`);
   }
   ctx.note(`${info.diskType} VHD, ${info.currentSize} bytes`);
   if (ctx.engine === 'builtin') {
