@@ -43,7 +43,8 @@ export function parseXapiUrl(text: string): URL {
   try {
     url = new URL(withScheme);
   } catch {
-    throw new XapiError('URL', text, `${text}: not a valid XAPI URL (expected https://HOST or http://HOST)`);
+    const shown = text.replace(/\/\/[^/]*@/, '//***@');
+    throw new XapiError('URL', shown, `${shown}: not a valid XAPI URL (expected https://HOST or http://HOST)`);
   }
   if (url.username !== '' || url.password !== '') {
     throw new XapiError(

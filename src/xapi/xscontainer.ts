@@ -1,8 +1,8 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { XMLParser } from 'fast-xml-parser';
 import { CancelledError } from '../errors.js';
-import { XapiError } from './rpc.js';
-import { type XapiConnectOptions, type XapiSession, withXapiSession } from './session.js';
+import { displayUrl, XapiError } from './rpc.js';
+import { parseXapiUrl, type XapiConnectOptions, type XapiSession, withXapiSession } from './session.js';
 
 /** XAPI plus the VM whose Docker xscontainer watches. */
 export interface XapiVmOptions extends XapiConnectOptions {
@@ -75,10 +75,11 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 // The names xscontainer itself accepts for a container; anything else it refuses with an exception.
 const CONTAINER = /^[a-z0-9_.-]+$/;
 
-function checkVm(options: XapiVmOptions): void {
-  if (!UUID.test(options.vm)) {
-    throw new XapiError('INVALID_ARGUMENT', options.xapi, `${options.vm}: not a VM uuid`);
-  }
+/** Checks the URL (never echoing credentials in it) and the VM uuid; returns the URL to show. */
+function checkVm(options: XapiVmOptions): string {
+  const where = displayUrl(parseXapiUrl(options.xapi));
+  if (!UUID.test(options.vm)) throw new XapiError('INVALID_ARGUMENT', where, `${options.vm}: not a VM uuid`);
+  return where;
 }
 
 async function vmRef(session: XapiSession, uuid: string): Promise<string> {
@@ -266,10 +267,10 @@ export async function listContainers(options: XapiVmOptions): Promise<MonitoredC
  * fails with a clear message when `timeoutSeconds` pass first.
  */
 export async function waitMonitoring(options: WaitMonitoringOptions): Promise<WaitMonitoringResult> {
-  checkVm(options);
+  const where = checkVm(options);
   const images = typeof options.image === 'string' ? [options.image] : [...options.image];
   if (images.length === 0) {
-    throw new XapiError('INVALID_ARGUMENT', options.xapi, 'waitMonitoring needs at least one image id or name');
+    throw new XapiError('INVALID_ARGUMENT', where, 'waitMonitoring needs at least one image id or name');
   }
   const started = Date.now();
   const deadline = started + options.timeoutSeconds * 1000;
@@ -310,18 +311,18 @@ export async function waitMonitoring(options: WaitMonitoringOptions): Promise<Wa
 
 /** start/stop/restart/pause/unpause a container in the VM through xscontainer. */
 export async function containerAction(action: ContainerAction, options: ContainerActionOptions): Promise<ContainerActionResult> {
-  checkVm(options);
+  const where = checkVm(options);
   if (!(CONTAINER_ACTIONS as readonly string[]).includes(action)) {
     throw new XapiError(
       'INVALID_ARGUMENT',
-      options.xapi,
+      where,
       `${String(action)}: not a container action (${CONTAINER_ACTIONS.join(', ')})`,
     );
   }
   if (!CONTAINER.test(options.container)) {
     throw new XapiError(
       'INVALID_ARGUMENT',
-      options.xapi,
+      where,
       `${options.container}: not a container id or name xscontainer accepts (a-z, 0-9, _ . -)`,
     );
   }

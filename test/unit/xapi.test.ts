@@ -386,6 +386,8 @@ describe('failures', () => {
     expect(error.message).toBe(
       `the XAPI URL for ${s.address}:${s.port} must not contain credentials: set XAPI_USER and XAPI_PASSWORD instead`,
     );
+    const malformed = await failure(register({ xapi: 'https://root:pw-typo@[bad', vm: 'nope', env: env(s) }), 'pw-typo');
+    expect(malformed.message).toBe('https://***@[bad: not a valid XAPI URL (expected https://HOST or http://HOST)');
     expect(s.calls).toEqual([]);
   });
 
