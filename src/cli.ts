@@ -1,10 +1,11 @@
 #!/usr/bin/env node
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Argument, Command, InvalidArgumentError, Option } from 'commander';
 import { doctor, type Check } from './doctor.js';
 import { CancelledError } from './errors.js';
 import { formatBytes } from './pipeline/runner.js';
 import { convertDdk, type ConvertResult } from './pipeline/pipeline.js';
 import { VERSION } from './version.js';
+import { CONTAINER_ACTIONS, containerAction, deregister, listContainers, register, type ContainerAction } from './xapi/index.js';
 
 const collect = (value: string, previous: string[]) => [...previous, value];
 
@@ -54,6 +55,36 @@ function abortOnSignals(): { signal: AbortSignal; dispose(): void } {
   };
 }
 
+function parseSeconds(value: string): number {
+  if (!/^\d+(\.\d+)?$/.test(value)) throw new InvalidArgumentError('a number of seconds');
+  return Number(value);
+}
+
+type XapiFlags = { vm: string; xapi: string; xapiCa?: string; insecure?: boolean; json?: boolean };
+
+function xapiOptions(o: XapiFlags, signal: AbortSignal) {
+  return { vm: o.vm, xapi: o.xapi, signal, ...(o.xapiCa ? { ca: o.xapiCa } : {}), ...(o.insecure ? { insecure: true } : {}) };
+}
+
+function withXapiFlags(c: Command): Command {
+  return c
+    .requiredOption('--vm <uuid>', "the Docker VM's uuid")
+    .requiredOption('--xapi <url>', 'XAPI URL of any pool host (credentials: XAPI_USER / XAPI_PASSWORD)')
+    .option('--xapi-ca <file>', "PEM certificate(s) to trust for XAPI's TLS")
+    .option('--insecure', "do not verify XAPI's TLS certificate")
+    .option('--json', 'print one JSON object');
+}
+
+/** Run an action with SIGINT/SIGTERM turned into an abort signal. */
+async function withSignals<T>(fn: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const sig = abortOnSignals();
+  try {
+    return await fn(sig.signal);
+  } finally {
+    sig.dispose();
+  }
+}
+
 function printChecks(title: string, checks: Check[]): void {
   process.stdout.write(`${title}\n`);
   for (const c of checks) process.stdout.write(`  ${c.ok ? 'ok  ' : 'no  '} ${c.name.padEnd(22)} ${c.detail}\n`);
@@ -80,12 +111,19 @@ program
   .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
   .option('--keep-workdir', 'keep the scratch space for inspection')
   .option('--cache-dir <dir>', 'download cache')
+  .option('--register-vm <uuid>', "register this Docker VM with XenServer container monitoring after import")
+  .option('--xapi <url>', 'XAPI URL of a pool host, for --register-vm (credentials: XAPI_USER / XAPI_PASSWORD)')
+  .option('--xapi-ca <file>', "PEM certificate(s) to trust for XAPI's TLS")
+  .option('--insecure', "do not verify XAPI's TLS certificate")
+  .option('--wait-monitoring <seconds>', 'after registering, wait until the monitor reports a container of the image', parseSeconds)
   .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
   .option('--quiet', 'no progress output')
   .action(async (source: string, o: Record<string, unknown>) => {
-    const sig = abortOnSignals();
-    try {
-      const result = await convertDdk({
+    if (o.registerVm && !o.xapi) throw new InvalidArgumentError('--register-vm needs --xapi URL');
+    if (o.xapi && !o.registerVm) throw new InvalidArgumentError('--xapi goes with --register-vm UUID');
+    if (o.waitMonitoring !== undefined && !o.registerVm) throw new InvalidArgumentError('--wait-monitoring goes with --register-vm UUID');
+    const result = await withSignals((signal) =>
+      convertDdk({
         source,
         engine: o.engine as 'builtin' | 'host',
         output: o.output as string,
@@ -99,13 +137,22 @@ program
         ...(o.cacheDir ? { cacheDir: o.cacheDir as string } : {}),
         keepWorkdir: Boolean(o.keepWorkdir),
         renderer: o.quiet ? 'silent' : 'auto',
-        signal: sig.signal,
-      });
-      if (o.json) printJson(result);
-      else process.stdout.write(`${summary(result)}\n`);
-    } finally {
-      sig.dispose();
-    }
+        ...(o.registerVm
+          ? {
+              register: {
+                vm: o.registerVm as string,
+                xapi: o.xapi as string,
+                ...(o.xapiCa ? { ca: o.xapiCa as string } : {}),
+                ...(o.insecure ? { insecure: true } : {}),
+                ...(o.waitMonitoring !== undefined ? { waitMonitoringSeconds: o.waitMonitoring as number } : {}),
+              },
+            }
+          : {}),
+        signal,
+      }),
+    );
+    if (o.json) printJson(result);
+    else process.stdout.write(`${summary(result)}\n`);
   });
 
 program
@@ -119,6 +166,32 @@ program
     printChecks('Outputs', report.outputs);
     printChecks('This machine', report.facilities);
   });
+
+for (const name of ['register', 'deregister'] as const) {
+  withXapiFlags(program.command(name).description(`${name} a Docker VM with XenServer container monitoring (xscontainer)`)).action(async (o: XapiFlags) => {
+    const r = await withSignals((signal) => (name === 'register' ? register : deregister)(xapiOptions(o, signal)));
+    if (o.json) printJson(r);
+    else process.stdout.write(`VM ${r.vm}: xscontainer-monitor=${r.monitor} (pool master ${r.xapi})\n`);
+  });
+}
+
+withXapiFlags(program.command('containers').description("the VM's containers as xscontainer's monitor reports them")).action(async (o: XapiFlags) => {
+  const list = await withSignals((signal) => listContainers(xapiOptions(o, signal)));
+  if (o.json) return printJson(list);
+  for (const c of list) process.stdout.write(`${c.id.slice(0, 12)}  ${c.image.padEnd(30)} ${c.status.padEnd(12)} ${c.names.padEnd(20)} ${c.command}\n`);
+});
+
+withXapiFlags(
+  program
+    .command('container')
+    .description('start|stop|restart|pause|unpause a container in the VM through xscontainer')
+    .addArgument(new Argument('<action>').choices(CONTAINER_ACTIONS))
+    .argument('<container>', 'container id or name'),
+).action(async (action: ContainerAction, container: string, o: XapiFlags) => {
+  const r = await withSignals((signal) => containerAction(action, { ...xapiOptions(o, signal), container }));
+  if (o.json) printJson(r);
+  else process.stdout.write(`${action} ${container}: done\n`);
+});
 
 try {
   await program.parseAsync();

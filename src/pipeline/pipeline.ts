@@ -17,7 +17,8 @@ import { fetchSource, normalizeSha256, type FetchedSource } from './fetch.js';
 import { importStage, type Imported } from './import.js';
 import { mapRoot, type MappedRoot, type PartitionChoice } from './map.js';
 import { runSteps, type RendererKind, type StageTiming, type Step } from './runner.js';
-import type { Engine } from './stage.js';
+import type { Engine, StageContext } from './stage.js';
+import { registerStage, type RegisterOptions, type Registered } from './register.js';
 import { DEFAULT_SMOKE, verify, type Verified } from './verify.js';
 
 export interface ConvertOptions {
@@ -35,6 +36,7 @@ export interface ConvertOptions {
   cacheDir?: string;
   architecture?: Architecture;
   renderer?: RendererKind;
+  register?: RegisterOptions;
   signal?: AbortSignal;
 }
 
@@ -50,6 +52,7 @@ export interface ConvertResult {
   ova?: { label?: string; vdiSize: number; chunks: number[] };
   partition: { index: number; offset: number; size: number };
   smoke?: string;
+  registered?: Registered;
   workdir?: string;
   stages: StageTiming[];
 }
@@ -70,6 +73,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
   const output = parseOutput(opts.output);
   if (opts.tag) parseTag(opts.tag);
   if (opts.sha256) normalizeSha256(opts.sha256);
+  if (opts.register && output.kind !== 'docker') throw new InputError('--register-vm', 'registering needs --output docker: xscontainer monitors containers in the VM\'s Docker daemon');
   for (const k of Object.keys(opts.labels)) if (!k) throw new InputError('--label', 'a label needs a key (K=V)');
 
   const controller = new AbortController();
@@ -101,6 +105,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
   const layerPromise = new Promise<Layer>((r) => (layerReady = r));
   let imported!: Imported;
   let verified: Verified = {};
+  let registered: Registered | undefined;
   const labels: Record<string, string> = {};
 
   const steps: Step[] = [
@@ -191,6 +196,17 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
         verified = await verify(ctx, imported, { smoke: opts.smoke ?? DEFAULT_SMOKE, labels, ...(opts.tag ? { tag: opts.tag } : {}) });
       },
     },
+    ...(opts.register
+      ? [
+          {
+            name: 'register' as const,
+            title: `Register VM ${opts.register.vm} with xscontainer`,
+            run: async (ctx: StageContext) => {
+              registered = await registerStage(ctx, opts.register!, { id: imported.imageId!, ...(verified.tag ? { tag: verified.tag } : {}) });
+            },
+          },
+        ]
+      : []),
   ];
 
   try {
@@ -208,6 +224,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
       ...(extracted ? { ova: { ...(extracted.ova.label ? { label: extracted.ova.label } : {}), vdiSize: extracted.ova.rootVdi.size, chunks: extracted.chunks.map((c) => c.index) } } : {}),
       partition: { index: root.index, offset: root.offset, size: root.size },
       ...(verified.smokeOutput !== undefined ? { smoke: verified.smokeOutput } : {}),
+      ...(registered ? { registered } : {}),
       ...(opts.keepWorkdir ? { workdir } : {}),
       stages,
     };
