@@ -12,6 +12,8 @@ import { FileSource } from '../../src/formats/source.js';
 // bsdtar (libarchive) is the independent oracle for listings and contents.
 const UTF8 = { env: { LC_ALL: 'C.UTF-8' } };
 const LONG = 'L'.repeat(200);
+// Longer than one NM entry can hold (250 bytes): the name is split over continued NM entries.
+const LONGEST = 'M'.repeat(255);
 const ACCENTED = `${'é'.repeat(40)}.txt`;
 
 let tmp: string;
@@ -110,6 +112,7 @@ beforeAll(async () => {
   await writeFile(join(tree, 'empty'), '');
   await writeFile(join(tree, 'MixedCase.Txt'), 'mixed');
   await writeFile(join(tree, LONG), 'long name');
+  await writeFile(join(tree, LONGEST), 'longest name');
   await writeFile(join(tree, 'sub', ACCENTED), 'accents');
   await writeFile(join(tree, 'deep/a/b/c/d/e/f/g/h/i/j/deep.txt'), 'deep');
   await writeFile(join(tree, 'binary.bin'), randomBytes(300_000));
@@ -144,6 +147,7 @@ describe('Iso9660 against bsdtar', () => {
       expect(iso.blockSize).toBe(2048);
       expect((await iso.lookup(`sub/${ACCENTED}`))?.size).toBe(7);
       expect((await iso.lookup(LONG))?.nameSource).toBe('rockridge');
+      expect((await iso.lookup(LONGEST))?.size).toBe(12);
       const top = await iso.lookup('/top.txt');
       expect(top?.mode).toBe(0o100644);
       expect((await iso.lookup('deep'))!.mode! & 0o170000).toBe(0o040000);
