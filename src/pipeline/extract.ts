@@ -79,7 +79,10 @@ async function builtinAccess(ctx: StageContext, isoPath: string, isoName: string
     return e;
   };
   return {
-    list: async (d) => (await iso.list(d).catch(() => [])).map((e) => e.name),
+    list: async (d) => {
+      const dir = await iso.lookup(d);
+      return dir?.isDirectory ? (await iso.list(dir)).map((e) => e.name) : [];
+    },
     readFile: async (p) => {
       const e = await entry(p);
       const file = iso.open(e);
