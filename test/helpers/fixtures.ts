@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { mkdir, mkdtemp, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
@@ -8,6 +8,7 @@ import lockfile from 'proper-lockfile';
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const SCRIPT = join(REPO, 'scripts/make-fixture');
 const CACHE = join(REPO, '.fixtures');
+const STALE_MS = 30_000;
 
 /** scripts/make-fixture's options; every one has the script's default when left out. */
 export interface FixtureOptions {
@@ -89,7 +90,7 @@ async function withLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
   const release = await lockfile.lock(path, {
     realpath: false,
     lockfilePath: `${path}.lock`,
-    stale: 30_000,
+    stale: STALE_MS,
     // A build takes well under a minute; wait up to 5 minutes for another process's.
     retries: { retries: 600, factor: 1, minTimeout: 500, maxTimeout: 500 },
   });
@@ -107,18 +108,30 @@ async function load(dir: string): Promise<FixtureInfo> {
   return { ...json, iso: join(dir, 'ddk.iso'), dir, disk, stream: json.payload === 'raw' ? disk : join(dir, 'disk.vhd') };
 }
 
+/** Removes builds of the same options by older versions of the script, unless in use (locked). */
+async function pruneStale(prefix: string, keep: string): Promise<void> {
+  for (const name of await readdir(CACHE)) {
+    const path = join(CACHE, name);
+    if (!name.startsWith(prefix) || name.endsWith('.lock') || path === keep) continue;
+    if (await lockfile.check(path, { realpath: false, lockfilePath: `${path}.lock`, stale: STALE_MS })) continue;
+    await rm(path, { recursive: true, force: true });
+  }
+}
+
 /**
  * A DDK-like ISO built by scripts/make-fixture, cached under .fixtures/ by options and by the
  * script's content (editing the script rebuilds). Needs root.
  */
 export async function buildFixture(opts: FixtureOptions = {}): Promise<FixtureInfo> {
   const args = optionArgs(opts);
-  const key = createHash('sha256').update(JSON.stringify(args)).update('\0').update(await readFile(SCRIPT)).digest('hex').slice(0, 16);
-  const dir = join(CACHE, `${opts.payload ?? 'raw'}-${opts.fs ?? 'ext4'}-${key}`);
+  const hash = (data: string | Buffer) => createHash('sha256').update(data).digest('hex').slice(0, 12);
+  const prefix = `${opts.payload ?? 'raw'}-${opts.fs ?? 'ext4'}-${hash(JSON.stringify(args))}-`;
+  const dir = join(CACHE, prefix + hash(await readFile(SCRIPT)));
   // The script writes OUT.json last, so its presence means a complete build.
   if (await exists(join(dir, 'ddk.iso.json'))) return load(dir);
   return withLock(dir, async () => {
     if (!(await exists(join(dir, 'ddk.iso.json')))) {
+      await pruneStale(prefix, dir);
       await rm(dir, { recursive: true, force: true });
       try {
         await execa(SCRIPT, ['--out', join(dir, 'ddk.iso'), '--keep', dir, ...args]);

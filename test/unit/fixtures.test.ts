@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdtemp, open, readFile, rm, truncate, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -9,6 +9,7 @@ import { execa } from 'execa';
 import { XMLParser } from 'fast-xml-parser';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { compareManifests, manifestFromTar, type Manifest } from '../../src/manifest.js';
+import { startDockerd, type Dockerd } from '../helpers/dockerd.js';
 import { buildFixture, rootOracleTar, type FixtureInfo, type FixtureOptions } from '../helpers/fixtures.js';
 
 // The fixtures are checked with tools independent of the script that made them: bsdtar reads the
@@ -193,5 +194,30 @@ describeFixture('VHD (dynamic) fixture with ext3 at sector 63', { payload: 'vhd-
     expect(features).toContain('has_journal');
     expect(features).not.toContain('extent');
     expect(await readFile(join(info.dir, 'rootfs/etc/redhat-release'), 'utf8')).toBe(`${info.redhatRelease}\n`);
+  });
+});
+
+describe('private dockerd', () => {
+  let dockerd: Dockerd;
+  beforeAll(async () => {
+    dockerd = await startDockerd();
+  });
+  afterAll(async () => {
+    await dockerd?.stop();
+  });
+
+  it('imports the oracle tar and runs the fixture\'s busybox in it', async () => {
+    const info = await buildFixture();
+    const env = { DOCKER_HOST: dockerd.host };
+    expect(dockerd.host).toBe(`unix://${dockerd.dir}/docker.sock`);
+    await execa('docker', ['import', await rootOracleTar(info), 'ddk-fixture:test'], { env });
+    const { stdout } = await execa('docker', ['run', '--rm', 'ddk-fixture:test', '/bin/cat', '/etc/redhat-release'], { env });
+    expect(stdout).toBe(info.redhatRelease);
+  });
+
+  it('stops and removes its directory', async () => {
+    await dockerd.stop();
+    await expect(stat(dockerd.dir)).rejects.toThrow();
+    await dockerd.stop();
   });
 });
