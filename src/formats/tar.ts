@@ -1,8 +1,8 @@
-import type { Readable } from 'node:stream';
-import { InputError } from '../errors.js';
+import { Readable } from 'node:stream';
+import { CancelledError, InputError, throwIfAborted } from '../errors.js';
 
 /**
- * POSIX tar (ustar + pax) header codec and a streaming reader.
+ * POSIX tar (ustar + pax) header codec, a streaming reader and a streaming writer.
  *
  * We read tar ourselves rather than through tar-stream's extract because tar-stream decodes pax
  * values as UTF-8 text, which corrupts binary xattrs (security.capability) and non-UTF-8 names.
@@ -105,6 +105,17 @@ export function encodePaxRecords(records: Iterable<[string, Buffer | string]>): 
   return Buffer.concat(parts);
 }
 
+const XATTR_KEY = 'SCHILY.xattr.';
+
+/** GNU tar escapes "%" and "=" in xattr names inside pax keywords (the "=" would end the keyword). */
+function encodeXattrName(name: string): string {
+  return name.replace(/%/g, '%25').replace(/=/g, '%3D');
+}
+
+function decodeXattrName(key: string): string {
+  return key.replace(/%(25|3D)/g, (m) => (m === '%25' ? '%' : '='));
+}
+
 function paxTimeNs(v: Buffer): bigint {
   const m = /^(-?)(\d+)(?:\.(\d{1,9})\d*)?$/.exec(v.toString('latin1'));
   if (!m) return 0n;
@@ -199,7 +210,7 @@ export async function readTar(
       const paxLink = pax.get('linkpath');
       const paxSize = pax.get('size');
       const xattrs = new Map<string, Buffer>();
-      for (const [k, v] of pax) if (k.startsWith('SCHILY.xattr.')) xattrs.set(k.slice('SCHILY.xattr.'.length), v);
+      for (const [k, v] of pax) if (k.startsWith(XATTR_KEY)) xattrs.set(decodeXattrName(k.slice(XATTR_KEY.length)), v);
       const header: TarHeader = {
         path: normalizeTarPath(paxPath ?? longName ?? name),
         type,
@@ -227,4 +238,263 @@ export async function readTar(
   } finally {
     await it.return?.();
   }
+}
+
+export type TreeEntryType = 'file' | 'directory' | 'symlink' | 'character-device' | 'block-device' | 'fifo' | 'socket';
+
+/** One node of a file tree to archive; ExtFileSystem's entries are TreeEntries. */
+export interface TreeEntry {
+  /** Raw bytes relative to the root, components joined by "/"; the root itself is empty. */
+  path: Buffer;
+  type: TreeEntryType;
+  /** Permission bits (07777). */
+  mode: number;
+  uid: number;
+  gid: number;
+  /** Data length of a regular file (ignored for other types). */
+  size: number;
+  mtimeNs: bigint;
+  symlinkTarget?: Buffer;
+  devmajor?: number;
+  devminor?: number;
+  xattrs?: Map<string, Buffer>;
+  /** Inode number and link count: non-directories sharing an inode become hard links. */
+  ino?: number;
+  nlink?: number;
+}
+
+export interface PackResult {
+  /** Entries written (sockets are left out, as GNU tar does). */
+  entries: number;
+  /** Regular files written with their data. */
+  files: number;
+  /** File data bytes. */
+  dataBytes: number;
+  /** Archive length. */
+  bytes: number;
+}
+
+export interface PackOptions {
+  signal?: AbortSignal;
+  /** Names the tree in error messages. */
+  input?: string;
+}
+
+const RECORD = 10240;
+const MAX_OCTAL_7 = 0o7777777;
+const MAX_OCTAL_11 = 0o77777777777;
+const NS = 1_000_000_000n;
+const FLAGS: Record<Exclude<TreeEntryType, 'socket'>, string> = {
+  file: '0', directory: '5', symlink: '2', 'character-device': '3', 'block-device': '4', fifo: '6',
+};
+
+function putOctal(block: Buffer, off: number, len: number, value: number): void {
+  block.write(value.toString(8).padStart(len - 1, '0'), off, 'latin1');
+  block[off + len - 1] = 0;
+}
+
+interface UstarFields {
+  name: Buffer;
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  mtime: number;
+  typeflag: string;
+  linkname?: Buffer;
+  /** Device fields are written (zero unless a device) in file headers, left empty in pax headers. */
+  dev?: [number, number];
+}
+
+/** A ustar header block laid out byte for byte as GNU tar --format=posix writes it. */
+function ustarHeader(f: UstarFields): Buffer {
+  const block = Buffer.alloc(BLOCK);
+  f.name.copy(block, 0, 0, Math.min(100, f.name.length));
+  putOctal(block, 100, 8, f.mode);
+  putOctal(block, 108, 8, f.uid);
+  putOctal(block, 116, 8, f.gid);
+  putOctal(block, 124, 12, f.size);
+  putOctal(block, 136, 12, f.mtime);
+  block.write(f.typeflag, 156, 'latin1');
+  f.linkname?.copy(block, 157, 0, Math.min(100, f.linkname.length));
+  block.write('ustar\x0000', 257, 'latin1');
+  if (f.dev) {
+    putOctal(block, 329, 8, f.dev[0]);
+    putOctal(block, 337, 8, f.dev[1]);
+  }
+  block.fill(0x20, 148, 156);
+  let sum = 0;
+  for (let i = 0; i < BLOCK; i++) sum += block[i]!;
+  block.write(sum.toString(8).padStart(6, '0'), 148, 'latin1');
+  block[154] = 0;
+  block[155] = 0x20;
+  return block;
+}
+
+function isAscii(b: Buffer): boolean {
+  for (const c of b) if (c & 0x80) return false;
+  return true;
+}
+
+/** A pax time: seconds and a fraction without trailing zeros, as GNU tar prints it. */
+function paxTime(ns: bigint): string {
+  const neg = ns < 0n;
+  const abs = neg ? -ns : ns;
+  const frac = (abs % NS).toString().padStart(9, '0').replace(/0+$/, '');
+  return `${neg ? '-' : ''}${abs / NS}${frac ? `.${frac}` : ''}`;
+}
+
+/** Throw unless `path` is a plain relative path: no empty, "." or ".." component, no NUL. */
+function checkTreePath(path: Buffer, input: string): void {
+  if (path.length === 0) return;
+  let start = 0;
+  for (let i = 0; i <= path.length; i++) {
+    if (i < path.length && path[i] === 0) throw new InputError(input, `path ${JSON.stringify(path.toString('utf8'))} contains NUL`);
+    if (i === path.length || path[i] === 0x2f) {
+      const len = i - start;
+      const dots = len > 0 && len <= 2 && path.subarray(start, i).every((c) => c === 0x2e);
+      if (len === 0 || dots) throw new InputError(input, `path ${JSON.stringify(path.toString('utf8'))} is not a plain relative path`);
+      start = i + 1;
+    }
+  }
+}
+
+/** "%d/PaxHeaders/%f" of GNU tar: the pax header's own name, beside the file it describes. */
+function paxHeaderName(path: Buffer): Buffer {
+  if (path.length === 0) return Buffer.from('./PaxHeaders/.');
+  const slash = path.lastIndexOf(0x2f);
+  const dir = slash === -1 ? Buffer.from('.') : path.subarray(0, slash);
+  return Buffer.concat([dir, Buffer.from('/PaxHeaders/'), path.subarray(slash + 1)]);
+}
+
+/**
+ * The headers of one entry: a pax extended header when a value does not fit ustar (long or
+ * non-ASCII name, long link target, big ids or size, sub-second or out-of-range mtime) or there
+ * are xattrs, then the ustar header. Records are written raw (binary xattr values such as
+ * security.capability survive), in GNU tar's order.
+ */
+function entryHeaders(e: TreeEntry, typeflag: string, linkname: Buffer | undefined, size: number): Buffer {
+  const name = e.path.length === 0 ? Buffer.from('./') : e.type === 'directory' ? Buffer.concat([e.path, Buffer.from('/')]) : e.path;
+  const records: [string, Buffer | string][] = [];
+  if (linkname && linkname.length > 100) records.push(['linkpath', linkname]);
+  if (name.length > 100 || !isAscii(name)) records.push(['path', name]);
+  if (e.uid > MAX_OCTAL_7) records.push(['uid', String(e.uid)]);
+  if (e.gid > MAX_OCTAL_7) records.push(['gid', String(e.gid)]);
+  if (size > MAX_OCTAL_11) records.push(['size', String(size)]);
+  const sec = e.mtimeNs >= 0n ? e.mtimeNs / NS : -((-e.mtimeNs + NS - 1n) / NS);
+  const secFits = sec >= 0n && sec <= BigInt(MAX_OCTAL_11);
+  if (!secFits || e.mtimeNs % NS !== 0n) records.push(['mtime', paxTime(e.mtimeNs)]);
+  for (const [k, v] of e.xattrs ?? []) records.push([XATTR_KEY + encodeXattrName(k), v]);
+
+  const mtime = secFits ? Number(sec) : 0;
+  const dev: [number, number] = [e.devmajor ?? 0, e.devminor ?? 0];
+  if (dev[0] > MAX_OCTAL_7 || dev[1] > MAX_OCTAL_7 || dev[0] < 0 || dev[1] < 0) throw new Error(`device number ${dev[0]}:${dev[1]} does not fit a tar header`);
+  const header = ustarHeader({
+    name,
+    mode: e.mode & 0o7777,
+    uid: e.uid > MAX_OCTAL_7 ? 0 : e.uid,
+    gid: e.gid > MAX_OCTAL_7 ? 0 : e.gid,
+    size: size > MAX_OCTAL_11 ? 0 : size,
+    mtime,
+    typeflag,
+    linkname,
+    dev,
+  });
+  if (records.length === 0) return header;
+  const pax = encodePaxRecords(records);
+  const paxHeader = ustarHeader({
+    name: paxHeaderName(e.path),
+    mode: 0o644,
+    uid: 0,
+    gid: 0,
+    size: pax.length,
+    mtime: sec < 0n ? 0 : sec > BigInt(MAX_OCTAL_11) ? MAX_OCTAL_11 : Number(sec),
+    typeflag: 'x',
+  });
+  return Buffer.concat([paxHeader, pax, Buffer.alloc(padding(pax.length)), header]);
+}
+
+function padding(n: number): number {
+  return (BLOCK - (n % BLOCK)) % BLOCK;
+}
+
+/**
+ * Stream a file tree as a POSIX (pax) tar, byte for byte what GNU tar 1.34 writes with
+ * `--format=posix --numeric-owner --xattrs --xattrs-include='*' --sort=name
+ * --pax-option=delete=atime,delete=ctime` given the same entries in the same order, except that
+ * names carry no "./" prefix (the root is "./", other entries "etc/", "etc/passwd").
+ * Hard links point at the first name written; sockets are left out. File data is pulled from
+ * `readData` only as the consumer reads (backpressure), and must be exactly `size` bytes.
+ * `done` settles when the archive has been produced, rejecting on any error or an early close.
+ */
+export function packTree<E extends TreeEntry>(
+  entries: AsyncIterable<E>,
+  readData: (entry: E) => AsyncIterable<Buffer>,
+  opts: PackOptions = {},
+): { stream: Readable; done: Promise<PackResult> } {
+  const input = opts.input ?? 'file tree';
+  let resolve!: (r: PackResult) => void;
+  let reject!: (err: unknown) => void;
+  const done = new Promise<PackResult>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  // The caller may only watch the stream; the rejection still reaches whoever awaits `done`.
+  done.catch(() => undefined);
+
+  async function* produce(): AsyncGenerator<Buffer> {
+    const result: PackResult = { entries: 0, files: 0, dataBytes: 0, bytes: 0 };
+    const firstName = new Map<number, Buffer>();
+    let finished = false;
+    try {
+      for await (const e of entries) {
+        throwIfAborted(opts.signal);
+        checkTreePath(e.path, input);
+        if (e.path.length === 0 && e.type !== 'directory') throw new InputError(input, `the root is a ${e.type}, not a directory`);
+        if (e.type === 'socket') continue;
+        const linked = e.type !== 'directory' && (e.nlink ?? 1) > 1 && e.ino !== undefined ? firstName.get(e.ino) : undefined;
+        if (linked) {
+          const h = entryHeaders(e, '1', linked, 0);
+          result.bytes += h.length;
+          result.entries++;
+          yield h;
+          continue;
+        }
+        if (e.type !== 'directory' && (e.nlink ?? 1) > 1 && e.ino !== undefined) firstName.set(e.ino, e.path);
+        if (e.type === 'symlink' && !e.symlinkTarget) throw new InputError(input, `symlink ${JSON.stringify(e.path.toString('utf8'))} has no target`);
+        const size = e.type === 'file' ? e.size : 0;
+        const h = entryHeaders(e, FLAGS[e.type], e.type === 'symlink' ? e.symlinkTarget : undefined, size);
+        result.bytes += h.length;
+        result.entries++;
+        yield h;
+        if (e.type !== 'file') continue;
+        let written = 0;
+        for await (const chunk of readData(e)) {
+          throwIfAborted(opts.signal);
+          written += chunk.length;
+          if (written > size) throw new InputError(input, `${JSON.stringify(e.path.toString('utf8'))} has more data than its size of ${size} bytes`);
+          if (chunk.length) yield chunk;
+        }
+        if (written !== size) throw new InputError(input, `${JSON.stringify(e.path.toString('utf8'))} has ${written} bytes of data, expected ${size}`);
+        const pad = padding(size);
+        if (pad) yield Buffer.alloc(pad);
+        result.files++;
+        result.dataBytes += size;
+        result.bytes += size + pad;
+      }
+      // End-of-archive marker, then zeros to a whole 10 KiB record like GNU tar's default blocking.
+      const tail = 2 * BLOCK + ((RECORD - ((result.bytes + 2 * BLOCK) % RECORD)) % RECORD);
+      result.bytes += tail;
+      yield Buffer.alloc(tail);
+      finished = true;
+      resolve(result);
+    } catch (err) {
+      reject(err);
+      throw err;
+    } finally {
+      if (!finished) reject(new CancelledError('the tar stream was closed before the archive was complete'));
+    }
+  }
+
+  return { stream: Readable.from(produce(), { objectMode: false, highWaterMark: 1 << 20 }), done };
 }
