@@ -1,7 +1,7 @@
 import { createHash, type Hash } from 'node:crypto';
 import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { Transform, type Readable, type TransformCallback } from 'node:stream';
+import { Transform, Writable, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGzip } from 'node:zlib';
 import { CancelledError, InputError, throwIfAborted } from '../errors.js';
@@ -61,6 +61,32 @@ class Digester extends Transform {
   }
 }
 
+/**
+ * Positional writes from `position` on. Not FileHandle.createWriteStream: that stream holds a
+ * reference on the handle until it closes it, and the archive writer must keep writing after it.
+ */
+class FileWriter extends Writable {
+  constructor(private readonly file: FileHandle, private position: number) {
+    // Large batches: fewer, bigger pwritev calls for a multi-gigabyte stream.
+    super({ highWaterMark: 1 << 20 });
+  }
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this.writeAll([chunk]).then(() => callback(), callback);
+  }
+  override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
+    this.writeAll(chunks.map((c) => c.chunk)).then(() => callback(), callback);
+  }
+  private async writeAll(buffers: Buffer[]): Promise<void> {
+    // pwritev may write less than asked (at most IOV_MAX buffers, or a short write).
+    while (buffers.length > 0) {
+      let { bytesWritten } = await this.file.writev(buffers, this.position);
+      this.position += bytesWritten;
+      while (buffers.length > 0 && bytesWritten >= buffers[0]!.length) bytesWritten -= buffers.shift()!.length;
+      if (bytesWritten > 0) buffers[0] = buffers[0]!.subarray(bytesWritten);
+    }
+  }
+}
+
 function cancelled(signal: AbortSignal | undefined, error: unknown): unknown {
   return signal?.aborted && !(error instanceof CancelledError) ? new CancelledError() : error;
 }
@@ -76,8 +102,7 @@ export async function writeLayer(
   opts: { gzipLevel?: number; signal?: AbortSignal; onProgress?: (bytes: number) => void },
 ): Promise<LayerWrite> {
   const diff = new Digester(opts.onProgress);
-  // Large writes: fewer, bigger pwritev calls for a multi-gigabyte stream.
-  const out = file.createWriteStream({ start: position, autoClose: false, highWaterMark: 1 << 20 });
+  const out = new FileWriter(file, position);
   try {
     if (opts.gzipLevel === undefined) {
       await pipeline(layer, diff, out, { signal: opts.signal });
