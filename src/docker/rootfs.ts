@@ -62,8 +62,9 @@ class Digester extends Transform {
 }
 
 /**
- * Positional writes from `position` on. Not FileHandle.createWriteStream: that stream holds a
- * reference on the handle until it closes it, and the archive writer must keep writing after it.
+ * Positional writes from `position` on. Not FileHandle.createWriteStream: until that stream is
+ * destroyed, which closes the handle, handle.close() never resolves; the archive writer needs
+ * the handle after the layer, to patch its header and append the metadata.
  */
 class FileWriter extends Writable {
   constructor(private readonly file: FileHandle, private position: number) {
