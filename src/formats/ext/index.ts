@@ -55,6 +55,13 @@ const SLASH = Buffer.from('/');
 const READ_CHUNK = 1 << 20;
 /** Reads kept in flight while the consumer handles the previous chunk. */
 const READ_AHEAD = 2;
+/**
+ * Small data reads that follow each other closely on disk (small files written in sequence, as
+ * installers and mke2fs lay them out) are served from one larger read: each read call costs far
+ * more than copying a few more kilobytes.
+ */
+const SMALL_READ = 64 * 1024;
+const WINDOW = 256 * 1024;
 /** Inode-table, descriptor and xattr blocks kept in memory. */
 const CACHE_BLOCKS = 1024;
 /** A sanity bound on one directory's names (ext4's own limits are far below this in practice). */
@@ -85,6 +92,8 @@ export class ExtFileSystem {
   private readonly dirContext: Omit<DirContext, 'owner'>;
   private readonly cache = new Map<number, Promise<Buffer>>();
   private readonly inodeTables = new Map<number, number>();
+  private window: { start: number; data: Promise<Buffer> } | undefined;
+  private lastReadEnd = -1;
 
   private constructor(
     private readonly source: Source,
@@ -349,11 +358,31 @@ export class ExtFileSystem {
       }
       while (pos < end) {
         const n = Math.min(READ_CHUNK, end - pos);
-        yield { read: this.source.read(run.physical * bs + (pos - start), n) };
+        yield { read: this.readData(run.physical * bs + (pos - start), n) };
         pos += n;
       }
     }
     yield* zeros(length);
+  }
+
+  /** Bytes of file data; see SMALL_READ. */
+  private readData(position: number, length: number): Promise<Buffer> {
+    const sequential = position >= this.lastReadEnd && position - this.lastReadEnd < SMALL_READ;
+    this.lastReadEnd = position + length;
+    if (length > SMALL_READ) return this.source.read(position, length);
+    const w = this.window;
+    if (w && position >= w.start && position + length <= w.start + WINDOW) {
+      return w.data.then((d) => {
+        if (position + length > w.start + d.length) return this.source.read(position, length);
+        return d.subarray(position - w.start, position - w.start + length);
+      });
+    }
+    if (!sequential) return this.source.read(position, length);
+    const fsEnd = this.sb.s_blocks_count * this.sb.blockSize;
+    const data = this.source.read(position, Math.max(length, Math.min(WINDOW, fsEnd - position)));
+    data.catch(() => undefined);
+    this.window = { start: position, data };
+    return data.then((d) => d.subarray(0, length));
   }
 
   /** The system.data xattr of an inline-data inode: bytes beyond the 60 in i_block. */
