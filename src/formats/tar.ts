@@ -6,7 +6,10 @@ import { CancelledError, InputError, throwIfAborted } from '../errors.js';
  *
  * We read tar ourselves rather than through tar-stream's extract because tar-stream decodes pax
  * values as UTF-8 text, which corrupts binary xattrs (security.capability) and non-UTF-8 names.
- * Names, link targets and xattr values stay raw bytes here.
+ * Names, link targets and xattr values stay raw bytes here. We write it ourselves too: tar-stream's
+ * pack takes names as strings, refuses a body on a pax-header entry of our own, and lays header
+ * fields out differently from GNU tar, whose output the writer reproduces byte for byte so that
+ * both engines can produce the same layer.
  */
 
 export type TarEntryType = 'file' | 'hardlink' | 'symlink' | 'character-device' | 'block-device' | 'directory' | 'fifo';

@@ -266,6 +266,19 @@ describe('walk and lookup', () => {
     });
   });
 
+  it('reads a file system that needs recovery without replaying its journal (like -o ro,noload)', async () => {
+    const img = join(tmp, 'needs-recovery.img');
+    await copyFile(images.get('ext4-4k-256')!, img);
+    await execa('debugfs', ['-w', '-R', 'feature needs_recovery', img]);
+    const kernel = await kernelManifest(img);
+    await withFs(img, async (fs) => {
+      expect(fs.info.features).toContain('needs_recovery');
+      const ours = ourTar(fs);
+      const [manifest] = await Promise.all([manifestFromTar(ours.stream, 'our tar'), ours.done]);
+      expect(compareManifests(kernel, manifest, { includeRoot: true })).toEqual([]);
+    });
+  });
+
   it('stops a walk when the signal aborts', async () => {
     await withFs(images.get('ext4-4k-256')!, async (fs) => {
       const ac = new AbortController();
@@ -475,6 +488,14 @@ describe('corrupt images end in an InputError naming the image', () => {
       await poke(i, at + 8, Buffer.from('..'));
     });
     await expectInputError(walkAll(dots), dots, /"\.\." entry out of place/);
+  });
+
+  it('a directory listing the same block twice', async () => {
+    const img = await corrupt(base1k, 'dir-block-twice', async (i) => {
+      const at = (await inodeOffset(i, '/big', 1024)) + 0x28;
+      await poke(i, at + 4, (await readFile(i)).subarray(at, at + 4));
+    });
+    await expectInputError(walkAll(img), img, /directory inode \d+ uses block \d+ twice/);
   });
 
   it('a directory cycle', async () => {

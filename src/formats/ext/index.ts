@@ -127,7 +127,7 @@ export class ExtFileSystem {
       input: this.input,
       blockSize: sb.blockSize,
       checkBlocks,
-      readBlocks: (block, count, what) => {
+      readBlocks: async (block, count, what) => {
         checkBlocks(block, count, what);
         return source.read(block * sb.blockSize, count * sb.blockSize);
       },
@@ -408,11 +408,17 @@ export class ExtFileSystem {
     } else {
       const bs = this.sb.blockSize;
       const blocks = Math.ceil(inode.size / bs);
+      // A directory's blocks are its own: a repeat would list names again (or forever, through indirect blocks).
+      const used = new Set<number>();
       for await (const run of this.runs(inode)) {
         if (run.logical >= blocks) break;
         // Holes and unwritten extents hold no entries; readdir skips them too.
         if (run.unwritten) continue;
         const count = Math.min(run.length, blocks - run.logical);
+        for (let i = 0; i < count; i++) {
+          if (used.has(run.physical + i)) throw new InputError(this.input, `${ctx.owner} uses block ${run.physical + i} twice`);
+          used.add(run.physical + i);
+        }
         for (let i = 0; i < count; i += READ_CHUNK / bs) {
           const n = Math.min(READ_CHUNK / bs, count - i);
           const data = await this.vol.readBlocks(run.physical + i, n, `${ctx.owner} data`);
