@@ -207,7 +207,7 @@ async function stampTimes(img: string, largeInodes: boolean): Promise<void> {
 export interface ImageSpec {
   name: string;
   type: 'ext2' | 'ext3' | 'ext4';
-  blockSize?: 1024 | 4096;
+  blockSize?: 1024 | 4096 | 65536;
   inodeSize?: 128 | 256;
   /** mke2fs -O list, e.g. ['inline_data', '^has_journal']. */
   features?: string[];

@@ -62,8 +62,8 @@ const READ_AHEAD = 2;
  */
 const SMALL_READ = 64 * 1024;
 const WINDOW = 256 * 1024;
-/** Inode-table, descriptor and xattr blocks kept in memory. */
-const CACHE_BLOCKS = 1024;
+/** Bytes of inode-table, descriptor and xattr blocks kept in memory. */
+const CACHE_BYTES = 4 << 20;
 /** A sanity bound on one directory's names (ext4's own limits are far below this in practice). */
 const MAX_DIR_ENTRIES = 10_000_000;
 /** Symlinks followed by lookup before giving up, as the kernel's MAXSYMLINKS. */
@@ -260,7 +260,7 @@ export class ExtFileSystem {
       p = this.vol.readBlocks(block, 1, what);
       // A failed read must not stay cached.
       p.catch(() => this.cache.delete(block));
-      if (this.cache.size >= CACHE_BLOCKS) this.cache.delete(this.cache.keys().next().value!);
+      if (this.cache.size * this.sb.blockSize >= CACHE_BYTES) this.cache.delete(this.cache.keys().next().value!);
     }
     this.cache.set(block, p);
     return p;
