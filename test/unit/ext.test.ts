@@ -344,15 +344,24 @@ describe('extended attributes in their own inodes (ea_inode)', () => {
   });
 });
 
-describe('invalid nanoseconds (≥ 10⁹ in i_mtime_extra)', () => {
-  it('read as whole seconds, as tar reports them', async () => {
-    const dir = join(tmp, 'invalid-ns');
+describe('odd but valid inode fields', () => {
+  it('nanoseconds ≥ 10⁹ read as whole seconds, and i_extra_isize 0 as the kernel reads it', async () => {
+    const dir = join(tmp, 'odd-inodes');
     await mkdir(dir);
-    await writeFile(join(dir, 'file'), 'odd time\n');
-    const img = await makeImage({ name: 'invalid-ns', type: 'ext4', blockSize: 4096, inodeSize: 256, sizeMiB: 16 }, dir, tmp, false);
-    await execa('debugfs', ['-w', '-f', '-', img], { input: 'sif /file mtime_lo 1600000000\nsif /file mtime_extra 0xfffffffc\n' });
+    await writeFile(join(dir, 'invalid-ns'), 'odd time\n');
+    await writeFile(join(dir, 'no-extra'), 'no extra fields\n');
+    await execa('setfattr', ['-n', 'user.hidden', '-v', 'in-inode', join(dir, 'no-extra')]);
+    const img = await makeImage({ name: 'odd-inodes', type: 'ext4', blockSize: 4096, inodeSize: 256, sizeMiB: 16 }, dir, tmp, false);
+    const cmds = [
+      'sif /invalid-ns mtime_lo 1600000000', 'sif /invalid-ns mtime_extra 0xfffffffc',
+      // With i_extra_isize 0 the kernel still reads the extra time fields, but no in-inode xattrs.
+      'sif /no-extra mtime_extra 0x1dcd6500', 'sif /no-extra extra_isize 0',
+    ];
+    await execa('debugfs', ['-w', '-f', '-', img], { input: cmds.join('\n') });
     const kernel = await kernelManifest(img);
-    expect(kernel.get('file')!.mtimeNs).toBe(1_600_000_000_000_000_000n);
+    expect(kernel.get('invalid-ns')!.mtimeNs % 1_000_000_000n).toBe(0n);
+    expect(kernel.get('no-extra')!.mtimeNs % 1_000_000_000n).toBe(125_000_000n);
+    expect(kernel.get('no-extra')!.xattrs).toEqual({});
     await withFs(img, async (fs) => {
       const ours = ourTar(fs);
       const [manifest] = await Promise.all([manifestFromTar(ours.stream, 'our tar'), ours.done]);

@@ -8,13 +8,14 @@ const TYPES: Record<number, ExtFileType> = {
   0o060000: 'block-device', 0o010000: 'fifo', 0o140000: 'socket',
 };
 
-export const EXT4_INDEX_FL = 0x1000;
-export const EXT4_HUGE_FILE_FL = 0x40000;
+const EXT4_HUGE_FILE_FL = 0x40000;
 export const EXT4_EXTENTS_FL = 0x80000;
 export const EXT4_EA_INODE_FL = 0x200000;
 export const EXT4_INLINE_DATA_FL = 0x10000000;
 
 const EXT4_GOOD_OLD_INODE_SIZE = 128;
+/** sizeof(struct ext4_inode) - 128: the extra fields the kernel knows (up to i_projid). */
+const EXT4_INODE_CORE_EXTRA = 32;
 const NS_PER_S = 1_000_000_000n;
 
 /** One on-disk inode, decoded the way the kernel's ext4_iget does. */
@@ -38,7 +39,7 @@ export interface Inode {
   ctimeNs: bigint;
   /** The 60-byte i_block area: block map, extent root, inline data or a fast symlink. */
   i_block: Buffer;
-  /** In-inode extended attribute area (after i_extra_isize), possibly empty. */
+  /** In-inode extended attribute area (after a non-zero i_extra_isize), possibly empty. */
   ibodyXattrs: Buffer;
 }
 
@@ -65,7 +66,7 @@ export interface InodeGeometry {
 }
 
 /** Largest file size any mapping can address: 2^32 logical blocks. */
-export function maxFileSize(blockSize: number): number {
+function maxFileSize(blockSize: number): number {
   return 2 ** 32 * blockSize;
 }
 
@@ -76,13 +77,16 @@ export function parseInode(raw: Buffer, ino: number, g: InodeGeometry, input: st
   if (!type) throw bad(`i_mode 0${i_mode.toString(8)} has no valid file type`);
 
   let extra = 0;
+  let timeExtra = 0;
   if (g.inodeSize > EXT4_GOOD_OLD_INODE_SIZE) {
     extra = raw.readUInt16LE(0x80);
     if (EXT4_GOOD_OLD_INODE_SIZE + extra > g.inodeSize || extra % 4 !== 0) {
       throw bad(`i_extra_isize ${extra} does not fit the ${g.inodeSize}-byte inode`);
     }
+    // As ext4_iget: an unused extra area (0) is taken to hold today's fields, but no xattrs.
+    timeExtra = extra || EXT4_INODE_CORE_EXTRA;
   }
-  const fits = (off: number) => EXT4_GOOD_OLD_INODE_SIZE + extra >= off + 4;
+  const fits = (off: number) => EXT4_GOOD_OLD_INODE_SIZE + timeExtra >= off + 4;
 
   const sizeLo = raw.readUInt32LE(0x4);
   const sizeHigh = type === 'file' || g.largeDir ? raw.readUInt32LE(0x6c) : 0;
@@ -109,7 +113,7 @@ export function parseInode(raw: Buffer, ino: number, g: InodeGeometry, input: st
     atimeNs: decodeTime(raw, 0x08, 0x8c, fits(0x8c)),
     ctimeNs: decodeTime(raw, 0x0c, 0x84, fits(0x84)),
     i_block: Buffer.from(raw.subarray(0x28, 0x28 + 60)),
-    ibodyXattrs: g.inodeSize > ibodyStart ? Buffer.from(raw.subarray(ibodyStart, g.inodeSize)) : Buffer.alloc(0),
+    ibodyXattrs: extra > 0 ? Buffer.from(raw.subarray(ibodyStart, g.inodeSize)) : Buffer.alloc(0),
   };
 }
 

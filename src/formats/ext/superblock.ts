@@ -31,7 +31,7 @@ export interface Superblock {
 export const SUPERBLOCK_OFFSET = 1024;
 const EXT4_SUPER_MAGIC = 0xef53;
 
-export const COMPAT = {
+const COMPAT = {
   dir_prealloc: 0x1, imagic_inodes: 0x2, has_journal: 0x4, ext_attr: 0x8, resize_inode: 0x10, dir_index: 0x20,
   lazy_bg: 0x40, exclude_inode: 0x80, exclude_bitmap: 0x100, sparse_super2: 0x200, fast_commit: 0x400,
   stable_inodes: 0x800, orphan_file: 0x1000,
@@ -187,7 +187,7 @@ function isPowerOf(n: number, base: number): boolean {
 }
 
 /** Whether block group `group` starts with a superblock backup (and so a descriptor copy). */
-export function groupHasSuper(sb: Superblock, group: number): boolean {
+function groupHasSuper(sb: Superblock, group: number): boolean {
   if (group === 0) return true;
   if (sb.s_feature_compat & COMPAT.sparse_super2) return group === sb.s_backup_bgs[0] || group === sb.s_backup_bgs[1];
   if (group <= 1 || !(sb.s_feature_ro_compat & RO_COMPAT.sparse_super)) return true;

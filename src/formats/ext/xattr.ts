@@ -4,7 +4,7 @@ export const EXT4_XATTR_MAGIC = 0xea020000;
 /** Header of an xattr block; entries follow it. */
 export const XATTR_BLOCK_HEADER = 32;
 /** Largest value getxattr(2) can return (XATTR_SIZE_MAX). */
-export const XATTR_SIZE_MAX = 65536;
+const XATTR_SIZE_MAX = 65536;
 
 export const EXT4_XATTR_INDEX_SYSTEM = 7;
 const INDEX_POSIX_ACL_ACCESS = 2;
