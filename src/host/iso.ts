@@ -1,7 +1,7 @@
 import { createReadStream } from 'node:fs';
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Readable } from 'node:stream';
+import { PassThrough, type Readable } from 'node:stream';
 import { InputError } from '../errors.js';
 import type { Cleanup } from '../pipeline/cleanup.js';
 import { run, tool } from './exec.js';
@@ -73,7 +73,8 @@ function bsdtarIso(iso: string, signal: AbortSignal): HostIso {
       if (s === undefined) throw new InputError(iso, `no ${p} in the ISO`);
       return s;
     },
-    open: (p) => tool('bsdtar', ['-xOf', iso, p], { signal, encoding: 'buffer', buffer: false }).stdout as Readable,
+    // execa's stdout flows at once: pass it into a stream of ours before anyone reads it.
+    open: (p) => tool('bsdtar', ['-xOf', iso, p], { signal, encoding: 'buffer', buffer: false }).stdout!.pipe(new PassThrough()),
     pathOf: () => undefined,
   };
 }

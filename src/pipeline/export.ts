@@ -1,4 +1,4 @@
-import type { Readable } from 'node:stream';
+import { PassThrough, type Readable } from 'node:stream';
 import { ExtFileSystem } from '../formats/ext/index.js';
 import { packTree } from '../formats/tar.js';
 import { tool, toolError } from '../host/exec.js';
@@ -33,6 +33,8 @@ async function hostExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
   const fsType = root.fsType ?? 'ext4';
   const unmount = await mount(ctx.cleanup, { device: root.device!, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount partition ${root.index}` });
   const tar = tool('tar', [...GNU_TAR_ARGS, '-C', dir, '-cf', '-', '.'], { signal: ctx.signal, encoding: 'buffer', buffer: { stdout: false } });
+  // execa's stdout starts flowing at once: hand it to a stream of ours before the consumer is ready.
+  const stream = tar.stdout!.pipe(new PassThrough({ highWaterMark: 1 << 20 }));
   const done = (async () => {
     try {
       await tar;
@@ -41,12 +43,13 @@ async function hostExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
     }
     await unmount();
   })();
-  return { stream: tar.stdout as Readable, done };
+  done.catch((err: unknown) => stream.destroy(err as Error));
+  return { stream, done };
 }
 
 async function builtinExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
   const fs = await ExtFileSystem.open(root.source!);
-  const packed = packTree(fs.walk({ signal: ctx.signal }), (e) => fs.readFile(e), { signal: ctx.signal });
+  const packed = packTree(fs.walk({ signal: ctx.signal }), (e) => fs.readFile(e, { signal: ctx.signal }), { signal: ctx.signal, input: root.source!.name });
   return { stream: packed.stream, done: packed.done.then(() => undefined) };
 }
 

@@ -239,9 +239,12 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
   }
 }
 
+/** Rejects when the run is aborted; marked handled, since it usually loses the race it is in. */
 function rejectOnAbort(signal: AbortSignal): Promise<never> {
-  return new Promise((_, reject) => {
+  const p = new Promise<never>((_, reject) => {
     if (signal.aborted) reject(signal.reason);
     signal.addEventListener('abort', () => reject(signal.reason), { once: true });
   });
+  p.catch(() => undefined);
+  return p;
 }

@@ -64,17 +64,20 @@ export async function runSteps(
       const notes: string[] = [];
       const started = performance.now();
       const elapsed = () => (performance.now() - started) / 1000;
-      const show = () => {
+      // A terminal redraws the notes and the live line; a log gets each note once and progress lines.
+      const show = (note?: string) => {
         const line = progressLine(progress, elapsed());
-        t.output = [...notes, line].filter(Boolean).join('\n');
+        if (tty) t.output = [...notes, line].filter(Boolean).join('\n');
+        else if (note) t.output = note;
+        else if (line) t.output = line;
       };
-      const timer = setInterval(show, tty ? 200 : 5000);
+      const timer = setInterval(() => show(), tty ? 200 : 5000);
       const ctx: StageContext = {
         ...base,
         progress,
         note: (text) => {
           notes.push(text);
-          show();
+          show(text);
         },
       };
       try {
