@@ -192,7 +192,11 @@ export async function readTar(
         throw new InputError(input, 'tar stream ends inside a header block');
       }
       const block = take(BLOCK);
-      if (block.every((b) => b === 0)) return;
+      if (block.every((b) => b === 0)) {
+        // Read the record padding to its end, so a producer piping into us finishes cleanly.
+        while (!ended) if ((await it.next()).done) ended = true;
+        return;
+      }
       if (!checksumOk(block)) throw new InputError(input, 'tar header checksum mismatch');
       const flag = String.fromCharCode(block[156]!);
       const size = numeric(block, 124, 12, 'size', input);
