@@ -3,7 +3,8 @@ import { Argument, Command, InvalidArgumentError, Option } from 'commander';
 import { doctor, type Check } from './doctor.js';
 import { CancelledError } from './errors.js';
 import { formatBytes } from './pipeline/runner.js';
-import { convertDdk, type ConvertResult } from './pipeline/pipeline.js';
+import { inspectSource, type InspectResult } from './pipeline/inspect.js';
+import { convertDdk, defaultCacheDir, type ConvertResult } from './pipeline/pipeline.js';
 import { VERSION } from './version.js';
 import { CONTAINER_ACTIONS, containerAction, deregister, listContainers, register, type ContainerAction } from './xapi/index.js';
 
@@ -85,6 +86,17 @@ async function withSignals<T>(fn: (signal: AbortSignal) => Promise<T>): Promise<
   }
 }
 
+function describeInspection(r: InspectResult): string {
+  const lines = [`${r.source.name} (${r.source.kind}, ${formatBytes(r.source.size)}, sha256 ${r.source.sha256})`];
+  if (r.ova) lines.push(`  ova.xml: ${r.ova.label || r.ova.vmName}, disk of ${r.ova.vdiSize} bytes; chunks ${r.ova.chunks.join(', ')}${r.ova.leftOut.length ? `; left out (all zeros): ${r.ova.leftOut.join(', ')}` : ''}`);
+  lines.push(`  disk: ${r.disk.payload}, ${r.disk.size} bytes, ${r.partitions.scheme} partition table`);
+  for (const p of r.partitions.list) lines.push(`    ${p.index === r.root.index ? '*' : ' '} ${p.index}: type ${p.type} (${p.typeName}), offset ${p.offset}, ${formatBytes(p.size)}`);
+  lines.push(`  root: partition ${r.root.index}, ${r.root.fs.type}, ${r.root.fs.blockSize}-byte blocks, label ${JSON.stringify(r.root.fs.label)}, features ${r.root.fs.features.join(' ')}`);
+  if (r.release.redhatRelease) lines.push(`  /etc/redhat-release: ${r.release.redhatRelease}`);
+  if (r.release.osRelease?.PRETTY_NAME) lines.push(`  /etc/os-release: ${r.release.osRelease.PRETTY_NAME}`);
+  return `${lines.join('\n')}\n`;
+}
+
 function printChecks(title: string, checks: Check[]): void {
   process.stdout.write(`${title}\n`);
   for (const c of checks) process.stdout.write(`  ${c.ok ? 'ok  ' : 'no  '} ${c.name.padEnd(22)} ${c.detail}\n`);
@@ -93,7 +105,7 @@ function printChecks(title: string, checks: Check[]): void {
 const program = new Command('ddk2docker')
   .description('Turn a XenServer DDK ISO into a Docker base image')
   .version(VERSION)
-  .showHelpAfterError()
+  .showHelpAfterError('(ddk2docker --help for usage)')
   .configureOutput({ outputError: (str, write) => write(str) });
 
 program
@@ -153,6 +165,32 @@ program
     );
     if (o.json) printJson(result);
     else process.stdout.write(`${summary(result)}\n`);
+  });
+
+program
+  .command('inspect')
+  .description('what a DDK ISO, .vhd or disk image holds: ova.xml, chunks, disk format, partitions, file system, release')
+  .argument('<source>', 'DDK ISO, .vhd, raw disk image, or an http(s) URL of one')
+  .option('--sha256 <hex>', 'expected sha256 of the source')
+  .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
+  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
+  .option('--cache-dir <dir>', 'download cache')
+  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
+  .option('--quiet', 'no progress output')
+  .action(async (source: string, o: Record<string, unknown>) => {
+    const r = await withSignals((signal) =>
+      inspectSource({
+        source,
+        cacheDir: (o.cacheDir as string | undefined) ?? defaultCacheDir(),
+        partition: o.partition as number | 'auto',
+        ...(o.sha256 ? { sha256: o.sha256 as string } : {}),
+        ...(o.workdir ? { workdir: o.workdir as string } : {}),
+        renderer: o.quiet ? 'silent' : 'auto',
+        signal,
+      }),
+    );
+    if (o.json) printJson(r);
+    else process.stdout.write(describeInspection(r));
   });
 
 program

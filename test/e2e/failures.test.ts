@@ -55,7 +55,7 @@ afterAll(async () => {
 const CASES: [string, () => string[], RegExp][] = [
   ['a missing file', () => [join(scratch, 'nope.iso')], /nope\.iso: no such file/],
   ['a file that is not an ISO', () => [bad.notIso!], /random\.iso: not a DDK ISO/],
-  ['an ISO without ddk\/ova.xml', () => [bad.noOva!], /no-ova\.iso: no ddk\/ova\.xml in the ISO/],
+  ['an ISO without ddk/ova.xml', () => [bad.noOva!], /no-ova\.iso: no ddk\/ova\.xml in the ISO/],
   ['a truncated chunk', () => [bad.truncatedChunk!], /chunk-0+3\.gz: corrupt gzip data/],
   ['a wrong --sha256', () => [fixture.iso, '--sha256', '0'.repeat(64)], /ddk\.iso: sha256 mismatch: expected 0{64}, got [0-9a-f]{64}/],
 ];
