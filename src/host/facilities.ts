@@ -1,4 +1,5 @@
 import { access, constants, readFile } from 'node:fs/promises';
+import { EnvironmentError } from '../errors.js';
 import { which } from './exec.js';
 
 /**
@@ -65,4 +66,13 @@ export function partitionMethod(f: Facilities): { method?: PartitionMethod; why:
   if (!f.loop || !f.tools.losetup) return { why: 'no loop devices (use --engine builtin)' };
   if (f.deviceMapper && f.tools.kpartx) return { method: 'kpartx', why: 'kpartx -av (device-mapper)' };
   return { method: 'losetup', why: `no device-mapper${f.tools.kpartx ? '' : ' and no kpartx'}: kpartx unavailable, using losetup --offset` };
+}
+
+/** Fail before any work when the host engine cannot finish here, saying why. */
+export async function assertHostEngineUsable(): Promise<void> {
+  const f = await probeFacilities();
+  const part = partitionMethod(f);
+  if (!part.method) throw new EnvironmentError(`the host engine cannot run here: ${part.why}`);
+  const iso = isoMethod(f);
+  if (!iso.method) throw new EnvironmentError(`the host engine cannot run here: ${iso.why}`);
 }
