@@ -56,6 +56,16 @@ export async function tagImage(docker: Docker, id: string, ref: string): Promise
   await docker.getImage(id).tag({ repo: repository, tag });
 }
 
+/** The id an image reference names now, or undefined when it names nothing. */
+export async function imageIdOf(docker: Docker, ref: string): Promise<string | undefined> {
+  try {
+    return (await docker.getImage(ref).inspect()).Id;
+  } catch (err) {
+    if ((err as { statusCode?: number }).statusCode === 404) return undefined;
+    throw err;
+  }
+}
+
 export async function removeImage(docker: Docker, id: string): Promise<void> {
   try {
     await docker.getImage(id).remove({ force: true, noprune: false });

@@ -4,6 +4,7 @@ import { parseTag, type Architecture } from '../docker/image.js';
 import { formatOutput, parseOutput } from '../docker/outputs.js';
 import { assertHostEngineUsable } from '../host/facilities.js';
 import { VERSION } from '../version.js';
+import { checkXapiSettings } from '../xapi/index.js';
 import { DiskState, diskSteps } from './disk.js';
 import { exportRoot, type Layer } from './export.js';
 import { normalizeSha256 } from './fetch.js';
@@ -69,6 +70,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
   if (opts.sha256) normalizeSha256(opts.sha256);
   if (opts.register && output.kind !== 'docker') throw new InputError('--register-vm', 'registering needs --output docker: xscontainer monitors containers in the VM\'s Docker daemon');
   for (const k of Object.keys(opts.labels)) if (!k) throw new InputError('--label', 'a label needs a key (K=V)');
+  if (opts.register) checkXapiSettings({ xapi: opts.register.xapi });
   if (opts.engine === 'host') await assertHostEngineUsable();
 
   const d = new DiskState();

@@ -1,4 +1,4 @@
-import { imageLayers, runOnce, tagImage } from '../docker/daemon.js';
+import { imageIdOf, imageLayers, runOnce, tagImage } from '../docker/daemon.js';
 import type { Imported } from './import.js';
 import type { StageContext } from './stage.js';
 
@@ -23,6 +23,11 @@ export async function verify(ctx: StageContext, imported: Imported, opts: { smok
   const { code, output } = await runOnce(docker, imageId, ['/bin/sh', '-c', opts.smoke], { signal: ctx.signal });
   if (code !== 0) throw new Error(`smoke command ${JSON.stringify(opts.smoke)} failed in image ${imageId.slice(7, 19)} with exit code ${code}: ${output.split('\n').slice(-3).join(' | ')}`);
   ctx.note(output.split('\n')[0] ?? '');
-  if (opts.tag) await tagImage(docker, imageId, opts.tag);
+  if (opts.tag) {
+    // If a later stage fails, the new image is removed: give the tag back to the image it named.
+    const previous = await imageIdOf(docker, opts.tag);
+    if (previous && previous !== imageId) ctx.cleanup.onFailure(`give ${opts.tag} back to ${previous}`, () => tagImage(docker, previous, opts.tag!));
+    await tagImage(docker, imageId, opts.tag);
+  }
   return { smokeOutput: output, ...(opts.tag ? { tag: opts.tag } : {}) };
 }

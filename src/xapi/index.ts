@@ -1,5 +1,5 @@
 export { XapiError } from './rpc.js';
-export { parseXapiUrl, withXapiSession, type XapiConnectOptions, type XapiSession } from './session.js';
+export { checkXapiSettings, parseXapiUrl, withXapiSession, type XapiConnectOptions, type XapiSession } from './session.js';
 export {
   CONTAINER_ACTIONS,
   containerAction,

@@ -106,6 +106,12 @@ function explain(error: XapiError, url: string, user: string, method: string, ar
   return new XapiError(error.code, url, oneLine(message), error.params);
 }
 
+/** Check what can be checked before any work: the URL's form and that credentials are set. */
+export function checkXapiSettings(options: Pick<XapiConnectOptions, 'xapi' | 'env'>): void {
+  const url = parseXapiUrl(options.xapi);
+  credentials(options.env ?? process.env, url.origin);
+}
+
 function credentials(env: NodeJS.ProcessEnv, url: string): { user: string; password: string } {
   const user = env.XAPI_USER;
   const password = env.XAPI_PASSWORD;

@@ -252,10 +252,9 @@ describe('failures: one line, non-zero exit, session logged out', () => {
     await expect(docker('image', 'inspect', 'ddk-reg:bad')).rejects.toThrow(/No such image/i);
   });
 
-  // KNOWN BUG (src/pipeline/pipeline.ts): verify tags the new image before register runs, so a
-  // failed registration moves the tag off the user's existing image, and the failure cleanup then
-  // removes the new image: the earlier image survives untagged. Drop `.fails` once fixed.
-  it.fails('convert with a wrong password leaves an existing tag on its image', async () => {
+  // verify tags the new image before register runs, so a failed registration must give the tag
+  // back to the image it named before.
+  it('convert with a wrong password leaves an existing tag on its image', async () => {
     expect(imageId).not.toBe('');
     const { r } = await badConvert(TAG);
     expect(r.code).toBe(1);
