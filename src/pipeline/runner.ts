@@ -59,6 +59,8 @@ export async function runSteps(
 
   const task = (spec: StageSpec) => ({
     title: spec.title,
+    // Notes (which fallback was taken, what was found) stay on screen after the stage ends.
+    rendererOptions: { persistentOutput: true } as never,
     task: async (_: unknown, t: ListrTaskWrapper<unknown, never, never>) => {
       const progress = new Progress();
       const notes: string[] = [];
@@ -91,6 +93,7 @@ export async function runSteps(
       }
       const rate = progress.done > 0 ? ` (${formatBytes(progress.done)} in ${elapsed().toFixed(1)} s)` : ` (${elapsed().toFixed(1)} s)`;
       t.title = `${spec.title}${rate}`;
+      if (tty) t.output = notes.join('\n');
     },
   });
 
