@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { InputError } from '../../src/errors.js';
 import {
   DEFAULT_CASE, Image, buildCorpus, formatReport, fuzz, regressionName, runCase, runOn, targetOfRegression, type CaseResult, type Target,
 } from '../helpers/fuzz.js';
@@ -53,6 +54,29 @@ function describeFinding(f: CaseResult, path: string): string {
 }
 
 describe('fuzz', () => {
+  it('counts a crash, a read outside the image, a hang and an error not naming the input as findings', async () => {
+    const base = Buffer.alloc(4096);
+    const fake = (run: Target['run']): Target => ({ name: 'self/test', input: 'self.img', base, regions: [], all: [], pointers: {}, run });
+    const judge = (run: Target['run']) => runOn(fake(run), new Image(base), { caseMs: 300, cap: 1 << 20 });
+    expect(await judge(async () => {
+      throw new TypeError('boom');
+    })).toMatchObject({ kind: 'finding', message: expect.stringMatching(/^TypeError: boom/) });
+    expect(await judge(async (src) => {
+      await src.read(4000, 200);
+    })).toMatchObject({ kind: 'finding', message: expect.stringMatching(/^read outside the image/) });
+    expect(await judge(() => new Promise(() => undefined))).toMatchObject({ kind: 'finding', message: expect.stringMatching(/no result within 300 ms/) });
+    expect(await judge(async () => {
+      throw new InputError('other.img', 'bad');
+    })).toMatchObject({ kind: 'finding', message: expect.stringMatching(/does not name the input/) });
+    expect(await judge(async () => {
+      throw new InputError('self.img', 'two\nlines');
+    })).toMatchObject({ kind: 'finding', message: expect.stringMatching(/several lines/) });
+    expect(await judge(async () => {
+      throw new InputError('self.img partition 1', 'bad');
+    })).toEqual({ kind: 'input-error', message: 'self.img partition 1: bad' });
+    expect(await judge(async (_src, ctx) => ctx.stop())).toEqual({ kind: 'capped' });
+  });
+
   it('reads every unmutated input through its whole pipeline', async () => {
     for (const t of targets) {
       const r = await runOn(t, new Image(t.base), DEFAULT_CASE);
