@@ -416,7 +416,11 @@ function mutateText(rng: Rng, img: Image, log: string[]): void {
 // ---------------------------------------------------------------------------------------------
 // Running cases
 
-export type OutcomeKind = 'ok' | 'capped' | 'input-error' | 'finding';
+/**
+ * 'unclear': an InputError naming the input whose message spans several lines (image data such
+ * as a name with a newline put in it raw). Counted and shown, but not a crash: see the report.
+ */
+export type OutcomeKind = 'ok' | 'capped' | 'input-error' | 'unclear' | 'finding';
 
 export interface CaseResult {
   target: string;
@@ -462,7 +466,7 @@ export function judge(err: unknown, input: string): { kind: OutcomeKind; message
     if (!err.input || !err.input.includes(input) || !err.message.startsWith(`${err.input}: `) || err.message.length <= err.input.length + 2) {
       return { kind: 'finding', message: `InputError does not name the input ${JSON.stringify(input)}: ${err.message}` };
     }
-    if (/[\n\r]/.test(err.message)) return { kind: 'finding', message: `InputError message spans several lines: ${JSON.stringify(err.message)}` };
+    if (/[\n\r]/.test(err.message)) return { kind: 'unclear', message: `InputError message spans several lines: ${JSON.stringify(err.message)}` };
     return { kind: 'input-error', message: err.message };
   }
   if (err instanceof OutsideImageRead) return { kind: 'finding', message: `read outside the image: ${err.message}` };
@@ -559,6 +563,7 @@ export interface TargetStats {
   ok: number;
   capped: number;
   inputError: number;
+  unclear: number;
   findings: number;
   ms: number;
 }
@@ -570,6 +575,8 @@ export interface FuzzReport {
   maxRssBytes: number;
   perTarget: Map<string, TargetStats>;
   findings: CaseResult[];
+  /** The first few 'unclear' cases. */
+  unclear: CaseResult[];
 }
 
 export interface FuzzOptions extends CaseOptions {
@@ -584,8 +591,8 @@ export interface FuzzOptions extends CaseOptions {
 
 /** Round-robin over the targets until the time is up; case i mutates target i mod n. */
 export async function fuzz(targets: Target[], opts: FuzzOptions): Promise<FuzzReport> {
-  const report: FuzzReport = { seed: opts.seed, cases: 0, seconds: 0, maxRssBytes: 0, perTarget: new Map(), findings: [] };
-  for (const t of targets) report.perTarget.set(t.name, { cases: 0, ok: 0, capped: 0, inputError: 0, findings: 0, ms: 0 });
+  const report: FuzzReport = { seed: opts.seed, cases: 0, seconds: 0, maxRssBytes: 0, perTarget: new Map(), findings: [], unclear: [] };
+  for (const t of targets) report.perTarget.set(t.name, { cases: 0, ok: 0, capped: 0, inputError: 0, unclear: 0, findings: 0, ms: 0 });
   const dog = new Watchdog(opts.seed, targets.map((t) => t.name), opts.hangMs, opts.reportFile);
   const started = performance.now();
   try {
@@ -601,7 +608,10 @@ export async function fuzz(targets: Target[], opts: FuzzOptions): Promise<FuzzRe
       if (r.kind === 'ok') s.ok++;
       else if (r.kind === 'capped') s.capped++;
       else if (r.kind === 'input-error') s.inputError++;
-      else {
+      else if (r.kind === 'unclear') {
+        s.unclear++;
+        if (report.unclear.length < 10) report.unclear.push(r);
+      } else {
         s.findings++;
         report.findings.push(r);
         await opts.onFinding?.(r);
@@ -622,10 +632,12 @@ export function formatReport(r: FuzzReport): string {
   const pad = (s: string | number, n: number) => String(s).padStart(n);
   const name = Math.max(...[...r.perTarget.keys()].map((k) => k.length));
   const lines = [`seed ${r.seed}: ${r.cases} cases in ${r.seconds.toFixed(1)} s, max RSS ${(r.maxRssBytes / 2 ** 20).toFixed(0)} MiB, ${r.findings.length} findings`];
-  lines.push(`${'target'.padEnd(name)} ${pad('cases', 6)} ${pad('ok', 6)} ${pad('capped', 6)} ${pad('input', 6)} ${pad('other', 6)} ${pad('ms/case', 8)}`);
+  lines.push(`${'target'.padEnd(name)} ${pad('cases', 6)} ${pad('ok', 6)} ${pad('capped', 6)} ${pad('input', 6)} ${pad('multi', 6)} ${pad('other', 6)} ${pad('ms/case', 8)}`);
   for (const [k, s] of r.perTarget) {
-    lines.push(`${k.padEnd(name)} ${pad(s.cases, 6)} ${pad(s.ok, 6)} ${pad(s.capped, 6)} ${pad(s.inputError, 6)} ${pad(s.findings, 6)} ${pad(s.cases ? (s.ms / s.cases).toFixed(1) : '-', 8)}`);
+    const ms = s.cases ? (s.ms / s.cases).toFixed(1) : '-';
+    lines.push(`${k.padEnd(name)} ${pad(s.cases, 6)} ${pad(s.ok, 6)} ${pad(s.capped, 6)} ${pad(s.inputError, 6)} ${pad(s.unclear, 6)} ${pad(s.findings, 6)} ${pad(ms, 8)}`);
   }
+  for (const u of r.unclear) lines.push(`multi-line message: ${u.target} case ${u.index}: ${u.message}`);
   return lines.join('\n');
 }
 
@@ -780,18 +792,21 @@ function aclValue(): Buffer {
   return b;
 }
 
-/** A small tree with every structure the ext reader parses; about 260 inodes and 500 KiB of data. */
-async function makeTree(root: string): Promise<void> {
+/**
+ * A small tree with every structure the ext reader parses: about 260 inodes and 500 KiB of data,
+ * or (`full` false, for 64 KiB blocks) a big directory of 20 names and no large files.
+ */
+async function makeTree(root: string, full = true): Promise<void> {
   const p = (...parts: string[]) => join(root, ...parts);
   for (const d of ['etc', 'files', 'big', 'deep/a/b/c/d', 'links', 'dev', 'xattrs', 'inline/dir']) await mkdir(p(d), { recursive: true });
   await writeFile(p('etc/os-release'), 'NAME="Fuzz Linux"\nID=fuzz\n');
   await writeFile(p('files/small.txt'), 'hello\n');
-  for (const n of [3000, 20_000, 300_000]) await writeFile(p(`files/text-${n}`), text(n, n));
+  for (const n of full ? [3000, 20_000, 300_000] : [3000]) await writeFile(p(`files/text-${n}`), text(n, n));
   // 30 separate extents: an extent tree of depth 1.
-  await writeAt(p('files/fragmented'), Array.from({ length: 30 }, (_, i) => [i * 8192, text(4096, i)] as [number, Buffer]));
+  if (full) await writeAt(p('files/fragmented'), Array.from({ length: 30 }, (_, i) => [i * 8192, text(4096, i)] as [number, Buffer]));
   await writeAt(p('files/sparse'), [[0, text(4096, 1)]], 1 << 20);
   await writeFile(p('files/empty'), '');
-  for (let i = 0; i < 200; i++) {
+  for (let i = 0; i < (full ? 200 : 20); i++) {
     const name = p('big', `entry-${String(i).padStart(3, '0')}-${'x'.repeat(i % 20)}`);
     if (i % 50 === 0) await mkdir(name);
     else await writeFile(name, i % 10 === 0 ? `${i}\n` : '');
@@ -829,6 +844,8 @@ interface ExtSpec {
   type: 'ext2' | 'ext3' | 'ext4';
   args: string[];
   mib: number;
+  /** Made from the small tree. */
+  small?: boolean;
 }
 
 const EXT_SPECS: ExtSpec[] = [
@@ -836,6 +853,8 @@ const EXT_SPECS: ExtSpec[] = [
   { name: 'ext3-1k', type: 'ext3', args: ['-b', '1024', '-I', '256', '-g', '2048'], mib: 4 },
   { name: 'ext4-4k', type: 'ext4', args: ['-b', '4096', '-I', '256', '-g', '512', '-O', '^has_journal'], mib: 8 },
   { name: 'ext4-inline', type: 'ext4', args: ['-b', '1024', '-I', '256', '-g', '1024', '-O', 'inline_data,meta_bg,^resize_inode,^has_journal'], mib: 4 },
+  // rec_len has its own encoding in 64 KiB blocks.
+  { name: 'ext4-64k', type: 'ext4', args: ['-b', '65536', '-I', '256', '-O', '^has_journal,^resize_inode'], mib: 8, small: true },
 ];
 
 const FIXED_UUID = '0f0e0d0c-0b0a-4908-8706-050403020100';
@@ -1177,8 +1196,13 @@ const ISO_DESCRIPTOR_FIELDS: Field[] = [
   ['escape', 88, 4],
 ].map(([name, off, width, unit]) => ({ name, off, width, unit }) as Field);
 
-async function isoTargets(dir: string, tree: string): Promise<Target[]> {
-  const root = join(dir, 'iso-tree');
+const ISO_VARIANTS = {
+  iso: ['-R', '-J'],
+  'iso-joliet': ['-J'],
+  'iso-plain': ['-untranslated-filenames'],
+} as const;
+
+async function makeIsoTree(root: string, tree: string): Promise<void> {
   await mkdir(join(root, 'ddk/xvda'), { recursive: true });
   await writeFile(join(root, 'ddk/ova.xml'), OVA_XML);
   await writeFile(join(root, 'ddk/xvda/chunk-000000000.gz'), (await execa('gzip', ['-c', '-n'], { input: text(50_000, 1), encoding: 'buffer' })).stdout);
@@ -1191,10 +1215,14 @@ async function isoTargets(dir: string, tree: string): Promise<Target[]> {
   await writeFile(join(deep, 'file'), 'deep\n');
   await writeFile(join(root, 'os-release'), await readFile(join(tree, 'etc/os-release')));
   await execa('find', [root, '-exec', 'touch', '-h', '-d', '@1500000000', '{}', '+']);
-  const iso = join(dir, 'ddk.iso');
-  await execa('xorriso', ['-as', 'mkisofs', '-quiet', '-R', '-J', '-V', 'DDK', '-o', iso, root], C);
+}
+
+/** An ISO of the DDK-like tree with Rock Ridge and Joliet names, with Joliet only, or with neither. */
+async function isoTargets(variant: keyof typeof ISO_VARIANTS, root: string, dir: string): Promise<Target[]> {
+  const input = `${variant}.iso`;
+  const iso = join(dir, input);
+  await execa('xorriso', ['-as', 'mkisofs', '-quiet', ...ISO_VARIANTS[variant], '-V', 'DDK', '-o', iso, root], C);
   const base = await readFile(iso);
-  const input = 'ddk.iso';
   const parsed = await Iso9660.open(new MemorySource(input, new Image(base)));
   const dirs = [parsed.root];
   for await (const e of parsed.walk()) if (e.isDirectory) dirs.push(e);
@@ -1219,8 +1247,9 @@ async function isoTargets(dir: string, tree: string): Promise<Target[]> {
   regions.push(...ceAreas);
   const isoblocks = [0, 1, 16, 17, 18, base.length / 2048 - 1, base.length / 2048, ...dirs.map((d) => d.extents[0]!.offset / 2048)];
   const pointers = { isoblock: uniquePointers(isoblocks), byte: [0, 1, 2047, 2048, 2049, base.length, 2 ** 31, 2 ** 32 - 1] };
-  return ['descriptors', 'directories', 'susp'].map((kind) => ({
-    name: `iso/${kind}`, input, base, regions: regions.filter((r) => r.kind === kind), all: regions, pointers, run: isoPipeline,
+  const kinds = variant === 'iso' ? ['descriptors', 'directories', 'susp'] : ['descriptors', 'directories'];
+  return kinds.map((kind) => ({
+    name: `${variant}/${kind}`, input, base, regions: regions.filter((r) => r.kind === kind), all: regions, pointers, run: isoPipeline,
   }));
 }
 
@@ -1304,11 +1333,13 @@ export interface Corpus {
 /** Build every base image (mke2fs -d, sfdisk, qemu-img, xorriso) and the targets over them. */
 export async function buildCorpus(dir: string): Promise<Corpus> {
   const tree = join(dir, 'tree');
+  const smallTree = join(dir, 'small-tree');
   await makeTree(tree);
+  await makeTree(smallTree, false);
   const targets: Target[] = [];
   const ext = new Map<string, Buffer>();
   for (const spec of EXT_SPECS) {
-    const img = await makeExt(spec, tree, dir);
+    const img = await makeExt(spec, spec.small ? smallTree : tree, dir);
     ext.set(spec.name, await readFile(img));
     targets.push(...(await extTargets(spec, img)));
   }
@@ -1400,7 +1431,9 @@ export async function buildCorpus(dir: string): Promise<Corpus> {
     }
   }
 
-  targets.push(...(await isoTargets(dir, tree)));
+  const isoTree = join(dir, 'iso-tree');
+  await makeIsoTree(isoTree, tree);
+  for (const variant of ['iso', 'iso-joliet', 'iso-plain'] as const) targets.push(...(await isoTargets(variant, isoTree, dir)));
   targets.push(await tarTarget());
   const xva = Buffer.from(`${OVA_XML}\n\0\nchunk-000000000.gz\nchunk-000000002.gz\nTRANS.TBL`, 'latin1');
   targets.push({ name: 'xva/ova-xml', input: 'ova.xml', base: xva, regions: [], all: [], pointers: {}, text: true, run: xvaPipeline });
