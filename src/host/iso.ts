@@ -32,8 +32,8 @@ export async function openHostIso(
       throw new InputError(iso, `cannot mount as ISO 9660: ${err.message}`);
     });
   } else {
-    await run('fuseiso', [iso, dir], `fuseiso ${iso}`, { signal: ctx.signal });
     ctx.cleanup.defer(`unmount ${dir}`, () => unmount(dir, true));
+    await run('fuseiso', [iso, dir], `fuseiso ${iso}`);
   }
   const at = (p: string) => join(dir, p);
   return {

@@ -1,5 +1,6 @@
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { throwIfAborted } from '../errors.js';
 import type { Cleanup } from '../pipeline/cleanup.js';
 import { run } from './exec.js';
 
@@ -33,13 +34,20 @@ export async function mountPoint(workdir: string, cleanup: Cleanup, prefix: stri
   return dir;
 }
 
+/**
+ * Mount and register the unmount. The mount call itself is not cancelled: a mount(8) killed
+ * mid-call may still leave a mount behind that nobody would undo; it is quick, so the run's abort
+ * is honoured right after it.
+ */
 export async function mount(
   cleanup: Cleanup,
   args: { device: string; dir: string; type?: string; options: string[]; signal?: AbortSignal; what: string },
 ): Promise<() => Promise<void>> {
   const argv = [...(args.type ? ['-t', args.type] : []), '-o', args.options.join(','), args.device, args.dir];
-  await run('mount', argv, args.what, { signal: args.signal });
-  return cleanup.defer(`unmount ${args.dir}`, () => unmount(args.dir));
+  const undo = cleanup.defer(`unmount ${args.dir}`, () => unmount(args.dir));
+  await run('mount', argv, args.what);
+  throwIfAborted(args.signal);
+  return undo;
 }
 
 /** Attach a read-only loop device over a byte range of a file (kpartx's job where there is no device-mapper). */
@@ -52,9 +60,11 @@ export async function attachLoop(
   const argv = ['--find', '--show', '--read-only'];
   if (range) argv.push('--offset', String(range.offset), '--sizelimit', String(range.size));
   argv.push(file);
-  const device = (await run('losetup', argv, `losetup ${file}`, { signal })).trim();
+  // Not cancelled mid-call, like mount: the device it attaches must be known to be detached.
+  const device = (await run('losetup', argv, `losetup ${file}`)).trim();
   if (!/^\/dev\/loop\d+$/.test(device)) throw new Error(`losetup ${file}: unexpected answer ${JSON.stringify(device)}`);
   const detach = cleanup.defer(`detach ${device}`, () => detachLoop(device));
+  throwIfAborted(signal);
   return { device, detach };
 }
 

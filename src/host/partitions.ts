@@ -1,4 +1,4 @@
-import { InputError } from '../errors.js';
+import { InputError, throwIfAborted } from '../errors.js';
 import type { Cleanup } from '../pipeline/cleanup.js';
 import { run } from './exec.js';
 
@@ -35,10 +35,11 @@ export async function sfdiskPartitions(disk: string, name: string, signal?: Abor
 
 /** Map partitions with kpartx (device-mapper); returns /dev/mapper devices by partition index. */
 export async function kpartxMap(cleanup: Cleanup, disk: string, signal?: AbortSignal): Promise<Map<number, string>> {
-  const out = await run('kpartx', ['-a', '-v', '-r', disk], `kpartx ${disk}`, { signal });
   cleanup.defer(`kpartx -d ${disk}`, async () => {
     await run('kpartx', ['-d', disk], `kpartx -d ${disk}`);
   });
+  const out = await run('kpartx', ['-a', '-v', '-r', disk], `kpartx ${disk}`);
+  throwIfAborted(signal);
   const devices = new Map<number, string>();
   for (const line of out.split('\n')) {
     const m = /^add map (\S*?p(\d+)) /.exec(line);

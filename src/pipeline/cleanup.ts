@@ -4,6 +4,7 @@
  */
 export class Cleanup {
   private steps: { label: string; fn: () => Promise<void>; onlyOnFailure: boolean }[] = [];
+  private ran = false;
 
   /** Register an undo step; returns a function that runs it now (and forgets it). */
   defer(label: string, fn: () => Promise<void>): () => Promise<void> {
@@ -16,6 +17,11 @@ export class Cleanup {
   }
 
   private push(label: string, fn: () => Promise<void>, onlyOnFailure: boolean): () => Promise<void> {
+    if (this.ran) {
+      // Made after the run was undone (a straggling stage): undo it at once.
+      void fn().catch((err: unknown) => process.stderr.write(`ddk2docker: cleanup: ${label}: ${(err as Error).message}\n`));
+      return async () => {};
+    }
     const step = { label, fn, onlyOnFailure };
     this.steps.push(step);
     return async () => {
@@ -28,6 +34,7 @@ export class Cleanup {
 
   /** Run every step, newest first; returns one line per step that failed. */
   async run(failed: boolean): Promise<string[]> {
+    this.ran = true;
     const failures: string[] = [];
     while (this.steps.length > 0) {
       const step = this.steps.pop()!;

@@ -91,7 +91,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
         run: async (ctx) => {
           layer = await exportRoot(ctx, d.root);
           layerReady(layer);
-          await layer.done;
+          await Promise.race([layer.done, rejectOnAbort(ctx.signal)]);
         },
       },
       {

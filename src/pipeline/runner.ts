@@ -54,6 +54,9 @@ export async function runSteps(
   renderer: RendererKind,
 ): Promise<StageTiming[]> {
   const timings: StageTiming[] = [];
+  // Stages still running: a failed run waits for all of them before its cleanup starts, so no
+  // mount or loop device is made after the cleanup has run.
+  const running = new Set<Promise<void>>();
   const tty = renderer === 'auto' && process.stderr.isTTY === true;
   const logger = new ListrLogger({ processOutput: new ProcessOutput(process.stderr, process.stderr), useIcons: tty });
 
@@ -74,6 +77,7 @@ export async function runSteps(
         else if (line) t.output = line;
       };
       const timer = setInterval(() => show(), tty ? 200 : 5000);
+      timer.unref();
       const ctx: StageContext = {
         ...base,
         progress,
@@ -82,12 +86,15 @@ export async function runSteps(
           show(text);
         },
       };
+      const run = spec.run(ctx);
+      running.add(run);
       try {
-        await spec.run(ctx);
+        await run;
       } catch (err) {
         base.abort(err);
         throw err;
       } finally {
+        running.delete(run);
         clearInterval(timer);
         timings.push({ name: spec.name, seconds: Math.round(elapsed() * 1000) / 1000, bytes: progress.done });
       }
@@ -114,6 +121,11 @@ export async function runSteps(
       fallbackRendererCondition: () => !tty && renderer !== 'silent',
     },
   );
-  await list.run();
+  try {
+    await list.run();
+  } catch (err) {
+    await Promise.allSettled([...running]);
+    throw err;
+  }
   return timings;
 }

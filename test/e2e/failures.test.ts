@@ -92,7 +92,7 @@ describe.each(['host', 'builtin'])('engine %s', (engine) => {
     expect(log).not.toMatch(/\[COMPLETED\] Export root file system \(/);
     expect(r.exitCode, log).toBe(130);
     expect(log).toMatch(/ddk2docker: SIGINT: stopping and cleaning up/);
-    expect(await leftovers(work)).toEqual([]);
+    expect(await leftovers(work), log).toEqual([]);
     expect(await imageIds(dockerd.host)).toEqual(before);
   });
 });
