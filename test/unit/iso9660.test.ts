@@ -5,9 +5,9 @@ import { gzipSync, gunzipSync } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { InputError } from '../../src/errors.js';
 import { Iso9660, type IsoEntry } from '../../src/formats/iso9660.js';
 import { FileSource } from '../../src/formats/source.js';
+import { expectInputError } from '../helpers/bytes.js';
 
 // bsdtar (libarchive) is the independent oracle for listings and contents.
 const UTF8 = { env: { LC_ALL: 'C.UTF-8' } };
@@ -64,15 +64,6 @@ async function compareWithBsdtar(isoPath: string): Promise<IsoEntry[]> {
     await rm(out, { recursive: true });
     return entries;
   });
-}
-
-async function expectInputError(p: Promise<unknown>, pattern: RegExp): Promise<void> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(InputError);
-  expect((err as Error).message).toMatch(pattern);
 }
 
 /** A copy of an ISO with bytes changed, for corruption tests. */

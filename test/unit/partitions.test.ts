@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InputError } from '../../src/errors.js';
 import { chooseRootPartition, partitionSource, readPartitionTable, type Partition } from '../../src/formats/partitions.js';
 import { checkReadRange, FileSource, type Source } from '../../src/formats/source.js';
+import { patch, readAt, expectInputError } from '../helpers/bytes.js';
 
 const MiB = 1024 * 1024;
 const LINUX_GUID = '0FC63DAF-8483-4772-8E79-3D69D8477DE4';
@@ -85,39 +86,10 @@ async function readTable(path: string) {
   }
 }
 
-async function patch(path: string, offset: number, bytes: Buffer): Promise<void> {
-  const fh = await open(path, 'r+');
-  try {
-    await fh.write(bytes, 0, bytes.length, offset);
-  } finally {
-    await fh.close();
-  }
-}
-
-async function readAt(path: string, offset: number, length: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    await fh.read(buf, 0, length, offset);
-    return buf;
-  } finally {
-    await fh.close();
-  }
-}
-
 function u32le(n: number): Buffer {
   const b = Buffer.alloc(4);
   b.writeUInt32LE(n);
   return b;
-}
-
-async function expectInputError(p: Promise<unknown>, pattern: RegExp): Promise<void> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(InputError);
-  expect((err as Error).message).toMatch(pattern);
 }
 
 const MBR_SCRIPT = 'label: dos\nstart=63, size=1985, type=83, bootable\nstart=2048, size=4096, type=82\n';

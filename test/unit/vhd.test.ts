@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InputError } from '../../src/errors.js';
 import { FileSource, type Source } from '../../src/formats/source.js';
 import { detectVhd, openVhd, vhdInfo, type ByteRange, type VhdSource } from '../../src/formats/vhd.js';
+import { patch, readAt, expectInputError } from '../helpers/bytes.js';
 
 const MiB = 1024 * 1024;
 const RAW_SIZE = 300 * MiB;
@@ -80,26 +81,6 @@ async function collect(ranges: AsyncIterable<ByteRange>): Promise<ByteRange[]> {
   return out;
 }
 
-async function patch(path: string, offset: number, bytes: Buffer): Promise<void> {
-  const fh = await open(path, 'r+');
-  try {
-    await fh.write(bytes, 0, bytes.length, offset);
-  } finally {
-    await fh.close();
-  }
-}
-
-async function readAt(path: string, offset: number, length: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    await fh.read(buf, 0, length, offset);
-    return buf;
-  } finally {
-    await fh.close();
-  }
-}
-
 /** Rewrites a structure's field and its VHD checksum, so only the field is wrong. */
 async function patchStruct(path: string, at: number, size: number, checksumAt: number, field: number, value: Buffer): Promise<void> {
   const buf = await readAt(path, at, size);
@@ -130,15 +111,6 @@ async function copy(from: string, name: string): Promise<string> {
   const to = join(dir, name);
   await copyFile(from, to);
   return to;
-}
-
-async function expectInputError(p: Promise<unknown>, pattern: RegExp): Promise<void> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(InputError);
-  expect((err as Error).message).toMatch(pattern);
 }
 
 describe.each([
