@@ -1,8 +1,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
-import { resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { canonicalJson, parseTag, resolveCreated, type ImageMeta } from './image.js';
-import { blobPath, buildImage, OCI_LAYOUT } from './oci.js';
+import { blobPath, buildImage, imageResult, OCI_LAYOUT } from './oci.js';
 import { replaceOnSuccess, writeLayer, type OutputResult, type WriteOptions } from './rootfs.js';
 
 /**
@@ -96,15 +95,7 @@ export async function writeDockerArchive(layer: Readable, target: string, meta: 
       // End of archive: two zero blocks.
       tail.push(Buffer.alloc(2 * BLOCK));
       await writeAt(file, Buffer.concat(tail), pos);
-      return {
-        path: resolve(target),
-        diffId: written.diffId,
-        layerBytes: written.layerBytes,
-        layerDigest: written.digest,
-        storedBytes: written.storedBytes,
-        configDigest: image.config.descriptor.digest,
-        manifestDigest: image.manifest.descriptor.digest,
-      };
+      return imageResult(target, written, image);
     } finally {
       await file.close();
     }

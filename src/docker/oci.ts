@@ -32,6 +32,19 @@ export function buildImage(meta: ImageMeta, layer: LayerWrite, compressed: boole
   return { config, manifest, index: blob(MEDIA_TYPES.index, imageIndex([entry])).bytes };
 }
 
+/** What a written image output reports, from its layer and blobs. */
+export function imageResult(target: string, written: LayerWrite, image: ImageBlobs): OutputResult {
+  return {
+    path: resolve(target),
+    diffId: written.diffId,
+    layerBytes: written.layerBytes,
+    layerDigest: written.digest,
+    storedBytes: written.storedBytes,
+    configDigest: image.config.descriptor.digest,
+    manifestDigest: image.manifest.descriptor.digest,
+  };
+}
+
 export const OCI_LAYOUT = Buffer.from('{"imageLayoutVersion":"1.0.0"}');
 
 export function blobPath(digest: string): string {
@@ -63,14 +76,6 @@ export async function writeOciLayout(layer: Readable, target: string, meta: Imag
     await writeFile(join(dir, blobPath(image.manifest.descriptor.digest)), image.manifest.bytes);
     await writeFile(join(dir, 'index.json'), image.index);
     await writeFile(join(dir, 'oci-layout'), OCI_LAYOUT);
-    return {
-      path: resolve(target),
-      diffId: written.diffId,
-      layerBytes: written.layerBytes,
-      layerDigest: written.digest,
-      storedBytes: written.storedBytes,
-      configDigest: image.config.descriptor.digest,
-      manifestDigest: image.manifest.descriptor.digest,
-    };
+    return imageResult(target, written, image);
   });
 }
