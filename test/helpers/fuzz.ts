@@ -359,7 +359,7 @@ const XML_TOKENS = [
 function mutateText(rng: Rng, img: Image, log: string[]): void {
   let s = img.bytes().toString('latin1');
   const at = () => rng.int(s.length + 1);
-  switch (rng.int(7)) {
+  switch (rng.int(9)) {
     case 0: {
       const tok = Buffer.from(rng.pick(XML_TOKENS), 'utf8').toString('latin1');
       const p = at();
@@ -404,6 +404,24 @@ function mutateText(rng: Rng, img: Image, log: string[]): void {
       const [x, y] = a < b ? [a, b] : [b, a];
       s = s.slice(0, x) + s.slice(y) + s.slice(x, y);
       log.push(`rotate ${x}..${y}`);
+      break;
+    }
+    case 6: {
+      const tags = [...s.matchAll(/<(\/?)([A-Za-z_]+)/g)];
+      if (tags.length === 0) break;
+      const m = rng.pick(tags);
+      const name = rng.pick(['appliance', 'vm', 'vbd', 'vdi', 'label', 'x', '']);
+      s = s.slice(0, m.index + 1 + m[1]!.length) + name + s.slice(m.index + m[0].length);
+      log.push(`rename <${m[1]}${m[2]}> at ${m.index} to ${name}`);
+      break;
+    }
+    case 7: {
+      const elements = [...s.matchAll(/<(appliance|vm|vbd|vdi)\b[\s\S]*?(?:\/>|<\/\1>)/g)];
+      if (elements.length === 0) break;
+      const m = rng.pick(elements);
+      const copies = rng.pick([0, 2, 3]);
+      s = s.slice(0, m.index) + m[0].repeat(copies) + s.slice(m.index + m[0].length);
+      log.push(`<${m[1]}> at ${m.index} × ${copies}`);
       break;
     }
     default:
@@ -682,6 +700,10 @@ async function extPipeline(src: Source, ctx: CaseContext): Promise<void> {
     if (e?.type === 'file') await drain(fs.readFile(e, { signal }), ctx, seen);
     if (ctx.capped) return;
   }
+  // A symlink loop: an InputError even unmutated, and only another kind of error counts.
+  await fs.lookup('links/loop-a', { follow: true }).catch((err: unknown) => {
+    if (judge(err, src.name).kind !== 'input-error') throw err;
+  });
 }
 
 /** The map and export stages over a disk: partition table, the root partition chosen by probing, its tree. */
@@ -802,8 +824,8 @@ async function makeTree(root: string, full = true): Promise<void> {
   await writeFile(p('etc/os-release'), 'NAME="Fuzz Linux"\nID=fuzz\n');
   await writeFile(p('files/small.txt'), 'hello\n');
   for (const n of full ? [3000, 20_000, 300_000] : [3000]) await writeFile(p(`files/text-${n}`), text(n, n));
-  // 30 separate extents: an extent tree of depth 1.
-  if (full) await writeAt(p('files/fragmented'), Array.from({ length: 30 }, (_, i) => [i * 8192, text(4096, i)] as [number, Buffer]));
+  // 400 separate extents: an extent tree of depth 1 with two leaves (4 KiB blocks) or of depth 2 (1 KiB).
+  if (full) await writeAt(p('files/fragmented'), Array.from({ length: 400 }, (_, i) => [i * 8192, text(1024, i)] as [number, Buffer]));
   await writeAt(p('files/sparse'), [[0, text(4096, 1)]], 1 << 20);
   await writeFile(p('files/empty'), '');
   for (let i = 0; i < (full ? 200 : 20); i++) {
@@ -846,12 +868,14 @@ interface ExtSpec {
   mib: number;
   /** Made from the small tree. */
   small?: boolean;
+  /** Give xattrs/big a value too large for a block, kept in its own inode. */
+  eaInode?: boolean;
 }
 
 const EXT_SPECS: ExtSpec[] = [
   { name: 'ext2-1k', type: 'ext2', args: ['-b', '1024', '-I', '128', '-g', '1024'], mib: 4 },
   { name: 'ext3-1k', type: 'ext3', args: ['-b', '1024', '-I', '256', '-g', '2048'], mib: 4 },
-  { name: 'ext4-4k', type: 'ext4', args: ['-b', '4096', '-I', '256', '-g', '512', '-O', '^has_journal'], mib: 8 },
+  { name: 'ext4-4k', type: 'ext4', args: ['-b', '4096', '-I', '256', '-g', '512', '-O', '^has_journal,ea_inode'], mib: 8, eaInode: true },
   { name: 'ext4-inline', type: 'ext4', args: ['-b', '1024', '-I', '256', '-g', '1024', '-O', 'inline_data,meta_bg,^resize_inode,^has_journal'], mib: 4 },
   // rec_len has its own encoding in 64 KiB blocks.
   { name: 'ext4-64k', type: 'ext4', args: ['-b', '65536', '-I', '256', '-O', '^has_journal,^resize_inode'], mib: 8, small: true },
@@ -864,6 +888,11 @@ async function makeExt(spec: ExtSpec, tree: string, dir: string): Promise<string
   await writeFile(img, '');
   await truncate(img, spec.mib << 20);
   await execa('mke2fs', ['-F', '-q', '-t', spec.type, ...spec.args, '-U', FIXED_UUID, '-E', `hash_seed=${FIXED_UUID},root_owner=0:0`, '-d', tree, img], C);
+  if (spec.eaInode) {
+    const value = join(dir, 'ea-value');
+    await writeFile(value, text(4096, 4096));
+    await execa('debugfs', ['-w', '-R', `ea_set -f ${value} /xattrs/big user.huge`, img], C);
+  }
   // mke2fs -d writes linear directories; e2fsck -D indexes the big one (htree).
   const fsck = await execa('e2fsck', ['-f', '-y', '-D', img], { ...C, reject: false });
   if (fsck.exitCode !== 0 && fsck.exitCode !== 1) throw new Error(`e2fsck -D ${img} failed (${fsck.exitCode}): ${fsck.stdout}`);
@@ -1024,6 +1053,20 @@ async function extTargets(spec: ExtSpec, imgPath: string): Promise<Target[]> {
     entries.set(e.ino, e.type);
   }
   const inodes = await debugfsInodes(imgPath, [...entries.keys()], bs);
+  // Inodes holding xattr values (ea_inode) are named by e_value_inum, not by a directory.
+  const eaInodes = new Set<number>();
+  for (const ino of inodes) {
+    const areas = [base.subarray(ino.loc + 128 + ino.extra + 4, ino.loc + inodeSize)];
+    if (ino.acl) areas.push(base.subarray(ino.acl * bs + 32, (ino.acl + 1) * bs));
+    for (const area of areas) {
+      for (let off = 0; off + 16 <= area.length && area.readUInt32LE(off) !== 0; off = (off + 16 + area[off]! + 3) & ~3) {
+        const inum = area.readUInt32LE(off + 4);
+        if (inum && !entries.has(inum)) eaInodes.add(inum);
+      }
+    }
+  }
+  for (const inum of eaInodes) entries.set(inum, 'file');
+  inodes.push(...(await debugfsInodes(imgPath, [...eaInodes], bs)));
   const blockPool: number[] = [0, 1, 2, firstData, blocks - 1, blocks, blocks + 1];
   for (const ino of inodes) {
     const type = entries.get(ino.ino)!;
@@ -1197,7 +1240,7 @@ const ISO_DESCRIPTOR_FIELDS: Field[] = [
 ].map(([name, off, width, unit]) => ({ name, off, width, unit }) as Field);
 
 const ISO_VARIANTS = {
-  iso: ['-R', '-J'],
+  iso: ['-R', '-J', '-rr_reloc_dir', 'rr_moved'],
   'iso-joliet': ['-J'],
   'iso-plain': ['-untranslated-filenames'],
 } as const;
@@ -1231,6 +1274,25 @@ async function isoTargets(variant: keyof typeof ISO_VARIANTS, root: string, dir:
     regions.push({ kind: 'descriptors', start: s * 2048, length: 2048, fields: ISO_DESCRIPTOR_FIELDS });
     if (base[s * 2048] === 255) break;
   }
+  // Directories the walk hides (rr_moved) still get read.
+  const extents = new Set(dirs.map((d) => d.extents[0]!.offset));
+  for (const d of [...dirs]) {
+    const { offset, length } = d.extents[0]!;
+    for (let pos = offset; pos < offset + length; ) {
+      const len = base[pos]!;
+      if (len === 0) {
+        pos = (Math.floor(pos / 2048) + 1) * 2048;
+        continue;
+      }
+      const at = base.readUInt32LE(pos + 2) * 2048;
+      const dot = base[pos + 32] === 1 && base[pos + 33]! <= 1;
+      if (base[pos + 25]! & 2 && !dot && !extents.has(at)) {
+        extents.add(at);
+        dirs.push({ ...d, extents: [{ offset: at, length: base.readUInt32LE(pos + 10) }] });
+      }
+      pos += len;
+    }
+  }
   const ceAreas: Region[] = [];
   for (const d of dirs) {
     const { offset, length } = d.extents[0]!;
@@ -1245,7 +1307,7 @@ async function isoTargets(variant: keyof typeof ISO_VARIANTS, root: string, dir:
     }
   }
   regions.push(...ceAreas);
-  const isoblocks = [0, 1, 16, 17, 18, base.length / 2048 - 1, base.length / 2048, ...dirs.map((d) => d.extents[0]!.offset / 2048)];
+  const isoblocks = [0, 1, 16, 17, 18, base.length / 2048 - 1, base.length / 2048, ...[...dirs, ...ceAreas].map((d) => Math.floor(('start' in d ? d.start : d.extents[0]!.offset) / 2048))];
   const pointers = { isoblock: uniquePointers(isoblocks), byte: [0, 1, 2047, 2048, 2049, base.length, 2 ** 31, 2 ** 32 - 1] };
   const kinds = variant === 'iso' ? ['descriptors', 'directories', 'susp'] : ['descriptors', 'directories'];
   return kinds.map((kind) => ({

@@ -10,13 +10,15 @@ import {
 } from '../helpers/fuzz.js';
 
 // Corrupt input must end in success or one InputError naming the input: never another error, a
-// read outside the image, a hang or unbounded memory. CI runs a fixed seed for FUZZ_SECONDS
-// (default 40); scripts/fuzz runs longer with any seed, or replays one case (FUZZ_CASE).
+// read outside the image, a hang or unbounded memory. CI runs 5000 cases of a fixed seed, or what
+// fits in 45 s; scripts/fuzz runs longer with any seed (FUZZ_SECONDS, FUZZ_SEED), or replays one
+// case (FUZZ_TARGET, FUZZ_CASE).
 
 const env = process.env;
 const SEED = Number(env.FUZZ_SEED ?? 20240601);
-const SECONDS = Number(env.FUZZ_SECONDS ?? 40);
 const LONG_RUN = env.FUZZ_SECONDS !== undefined;
+const SECONDS = Number(env.FUZZ_SECONDS ?? 45);
+const MAX_CASES = LONG_RUN ? undefined : 5000;
 const ONLY = env.FUZZ_TARGET ? new RegExp(`^(?:${env.FUZZ_TARGET})$`) : undefined;
 const REGRESSIONS = fileURLToPath(new URL('../fixtures/fuzz-regressions/', import.meta.url));
 /** Where inputs of findings go: the regression directory with FUZZ_SAVE=1, else a temp dir. */
@@ -108,6 +110,7 @@ describe('fuzz', () => {
       ...DEFAULT_CASE,
       seed: SEED,
       seconds: SECONDS,
+      maxCases: MAX_CASES,
       hangMs: 20_000,
       reportFile: join(tmpdir(), 'ddk2docker-fuzz-hang.txt'),
       onFinding: async (f) => {
