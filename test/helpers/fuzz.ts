@@ -466,7 +466,8 @@ export const DEFAULT_CASE: CaseOptions = { caseMs: 3000, cap: 64 << 20 };
 export function mutate(t: Target, rng: Rng, img: Image): string[] {
   const log: string[] = [];
   t.prepare?.(rng, img, log);
-  const n = rng.chance(0.3) ? (rng.chance(0.3) ? 3 : 2) : 1;
+  // Mostly one change, so that each reaches as deep as it can; now and then many at once.
+  const n = rng.chance(0.1) ? 4 + rng.int(12) : rng.chance(0.3) ? (rng.chance(0.3) ? 3 : 2) : 1;
   for (let i = 0; i < n; i++) {
     if (t.text) mutateText(rng, img, log);
     else mutateRegion(rng, t, img, log);
