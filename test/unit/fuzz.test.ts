@@ -56,7 +56,7 @@ function describeFinding(f: CaseResult, path: string): string {
 }
 
 describe('fuzz', () => {
-  it('counts a crash, a read outside the image, a hang and an error not naming the input as findings, a multi-line message apart', async () => {
+  it('counts a crash, a read outside the image, a hang and an error not naming the input as findings, a message with raw control characters apart', async () => {
     const base = Buffer.alloc(4096);
     const fake = (run: Target['run']): Target => ({ name: 'self/test', input: 'self.img', base, regions: [], all: [], pointers: {}, run });
     const judge = (run: Target['run']) => runOn(fake(run), new Image(base), { caseMs: 300, cap: 1 << 20 });
@@ -72,7 +72,7 @@ describe('fuzz', () => {
     })).toMatchObject({ kind: 'finding', message: expect.stringMatching(/does not name the input/) });
     expect(await judge(async () => {
       throw new InputError('self.img', 'two\nlines');
-    })).toMatchObject({ kind: 'unclear', message: expect.stringMatching(/several lines/) });
+    })).toMatchObject({ kind: 'unclear', message: expect.stringMatching(/raw control characters/) });
     expect(await judge(async () => {
       throw new InputError('self.img partition 1', 'bad');
     })).toEqual({ kind: 'input-error', message: 'self.img partition 1: bad' });
