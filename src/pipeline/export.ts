@@ -1,3 +1,4 @@
+import { readdir } from 'node:fs/promises';
 import { PassThrough, type Readable } from 'node:stream';
 import { ExtFileSystem } from '../formats/ext/index.js';
 import { packTree } from '../formats/tar.js';
@@ -32,7 +33,13 @@ async function hostExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
   const dir = await mountPoint(ctx.workdir, ctx.cleanup, 'root');
   const fsType = root.fsType ?? 'ext4';
   const unmount = await mount(ctx.cleanup, { device: root.device!, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount partition ${root.index}` });
-  const tar = tool('tar', [...GNU_TAR_ARGS, '-C', dir, '-cf', '-', '.'], { signal: ctx.signal, encoding: 'buffer', buffer: { stdout: false } });
+  // The root as "./" and everything else without the "./" prefix, as the builtin writer names
+  // entries: both engines then give byte-identical layers, hence one diffID. Names go through
+  // stdin, NUL-separated and verbatim, so none can be taken for an option.
+  const top = (await readdir(dir, { encoding: 'buffer' })).sort(Buffer.compare);
+  const names = Buffer.concat(top.flatMap((n) => [n, Buffer.alloc(1)]));
+  const argv = [...GNU_TAR_ARGS, '-C', dir, '-cf', '-', '--no-recursion', '.', '--recursion', '--null', '--verbatim-files-from', '--files-from=-'];
+  const tar = tool('tar', argv, { signal: ctx.signal, encoding: 'buffer', buffer: { stdout: false }, input: names });
   // execa's stdout starts flowing at once: hand it to a stream of ours before the consumer is ready.
   const stream = tar.stdout!.pipe(new PassThrough({ highWaterMark: 1 << 20 }));
   const done = (async () => {
