@@ -1390,14 +1390,8 @@ async function makeDisk(path: string, sectors: number, script: string, images: [
   return readFile(path);
 }
 
-export interface Corpus {
-  targets: Target[];
-  /** Directory holding the built fixtures (removed by the caller). */
-  dir: string;
-}
-
-/** Build every base image (mke2fs -d, sfdisk, qemu-img, xorriso) and the targets over them. */
-export async function buildCorpus(dir: string): Promise<Corpus> {
+/** Build every base image (mke2fs -d, sfdisk, qemu-img, xorriso) in `dir` and the targets over them. */
+export async function buildCorpus(dir: string): Promise<Target[]> {
   const tree = join(dir, 'tree');
   const smallTree = join(dir, 'small-tree');
   await makeTree(tree);
@@ -1503,5 +1497,5 @@ export async function buildCorpus(dir: string): Promise<Corpus> {
   targets.push(await tarTarget());
   const xva = Buffer.from(`${OVA_XML}\n\0\nchunk-000000000.gz\nchunk-000000002.gz\nTRANS.TBL`, 'latin1');
   targets.push({ name: 'xva/ova-xml', input: 'ova.xml', base: xva, regions: [], all: [], pointers: {}, text: true, run: xvaPipeline });
-  return { targets, dir };
+  return targets;
 }

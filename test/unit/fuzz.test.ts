@@ -30,7 +30,7 @@ let targets: Target[];
 
 beforeAll(async () => {
   dir = await mkdtemp(join(env.TMPDIR ?? tmpdir(), 'fuzz-'));
-  targets = (await buildCorpus(dir)).targets;
+  targets = await buildCorpus(dir);
 });
 
 afterAll(async () => {
