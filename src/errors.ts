@@ -5,10 +5,19 @@
 export class InputError extends Error {
   readonly input: string;
   constructor(input: string, problem: string, options?: { cause?: unknown }) {
-    super(`${input}: ${problem}`, options);
+    super(`${printable(input)}: ${printable(problem)}`, options);
     this.name = 'InputError';
-    this.input = input;
+    this.input = printable(input);
   }
+}
+
+/**
+ * Messages quote names and values from images: escape control characters so that one stays one
+ * line on a terminal and image bytes cannot send escape sequences to it.
+ */
+export function printable(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\x00-\x08\x0a-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** The run was interrupted (SIGINT/SIGTERM or an abort signal). */

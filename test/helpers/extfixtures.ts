@@ -42,7 +42,8 @@ async function makeSocket(path: string): Promise<void> {
 }
 
 /** POSIX ACL xattr (version 2): owner rwx, user 1000 r-x, group r-x, mask r-x, other r--. */
-function aclValue(): Buffer {
+/** A POSIX ACL in the xattr form getfacl writes (user 1000 r-x, mask r-x). */
+export function aclValue(): Buffer {
   const entries: [number, number, number][] = [
     [0x01, 7, 0xffffffff], [0x02, 5, 1000], [0x04, 5, 0xffffffff], [0x10, 5, 0xffffffff], [0x20, 4, 0xffffffff],
   ];

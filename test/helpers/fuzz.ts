@@ -13,6 +13,7 @@ import type { Source } from '../../src/formats/source.js';
 import { packTree, readTar, type TreeEntry } from '../../src/formats/tar.js';
 import { detectVhd, openVhd, vhdInfo } from '../../src/formats/vhd.js';
 import { chunkLayout, parseOvaXml } from '../../src/formats/xva.js';
+import { aclValue } from './extfixtures.js';
 
 /**
  * Structure-aware fuzzing of the format readers. Small images made by real tools are kept in
@@ -435,12 +436,7 @@ function mutateText(rng: Rng, img: Image, log: string[]): void {
 // ---------------------------------------------------------------------------------------------
 // Running cases
 
-/**
- * 'unclear': an InputError naming the input whose message holds raw control characters, so
- * spans several lines (image data such as a name with a newline, put in unescaped). Counted and
- * shown, but not a crash.
- */
-export type OutcomeKind = 'ok' | 'capped' | 'input-error' | 'unclear' | 'finding';
+export type OutcomeKind = 'ok' | 'capped' | 'input-error' | 'finding';
 
 export interface CaseResult {
   target: string;
@@ -488,7 +484,7 @@ export function judge(err: unknown, input: string): { kind: OutcomeKind; message
       return { kind: 'finding', message: `InputError does not name the input ${JSON.stringify(input)}: ${err.message}` };
     }
     // eslint-disable-next-line no-control-regex
-    if (/[\x00-\x08\x0a-\x1f]/.test(err.message)) return { kind: 'unclear', message: `InputError message holds raw control characters: ${JSON.stringify(err.message)}` };
+    if (/[\x00-\x08\x0a-\x1f]/.test(err.message)) return { kind: 'finding', message: `InputError message holds raw control characters: ${JSON.stringify(err.message)}` };
     return { kind: 'input-error', message: err.message };
   }
   if (err instanceof OutsideImageRead) return { kind: 'finding', message: `read outside the image: ${err.message}` };
@@ -585,7 +581,6 @@ export interface TargetStats {
   ok: number;
   capped: number;
   inputError: number;
-  unclear: number;
   findings: number;
   ms: number;
 }
@@ -597,8 +592,6 @@ export interface FuzzReport {
   maxRssBytes: number;
   perTarget: Map<string, TargetStats>;
   findings: CaseResult[];
-  /** The first few 'unclear' cases. */
-  unclear: CaseResult[];
 }
 
 export interface FuzzOptions extends CaseOptions {
@@ -613,8 +606,8 @@ export interface FuzzOptions extends CaseOptions {
 
 /** Round-robin over the targets until the time is up; case i mutates target i mod n. */
 export async function fuzz(targets: Target[], opts: FuzzOptions): Promise<FuzzReport> {
-  const report: FuzzReport = { seed: opts.seed, cases: 0, seconds: 0, maxRssBytes: 0, perTarget: new Map(), findings: [], unclear: [] };
-  for (const t of targets) report.perTarget.set(t.name, { cases: 0, ok: 0, capped: 0, inputError: 0, unclear: 0, findings: 0, ms: 0 });
+  const report: FuzzReport = { seed: opts.seed, cases: 0, seconds: 0, maxRssBytes: 0, perTarget: new Map(), findings: [] };
+  for (const t of targets) report.perTarget.set(t.name, { cases: 0, ok: 0, capped: 0, inputError: 0, findings: 0, ms: 0 });
   const dog = new Watchdog(opts.seed, targets.map((t) => t.name), opts.hangMs, opts.reportFile);
   const started = performance.now();
   try {
@@ -630,10 +623,7 @@ export async function fuzz(targets: Target[], opts: FuzzOptions): Promise<FuzzRe
       if (r.kind === 'ok') s.ok++;
       else if (r.kind === 'capped') s.capped++;
       else if (r.kind === 'input-error') s.inputError++;
-      else if (r.kind === 'unclear') {
-        s.unclear++;
-        if (report.unclear.length < 10) report.unclear.push(r);
-      } else {
+      else {
         s.findings++;
         report.findings.push(r);
         await opts.onFinding?.(r);
@@ -654,12 +644,11 @@ export function formatReport(r: FuzzReport): string {
   const pad = (s: string | number, n: number) => String(s).padStart(n);
   const name = Math.max(...[...r.perTarget.keys()].map((k) => k.length));
   const lines = [`seed ${r.seed}: ${r.cases} cases in ${r.seconds.toFixed(1)} s, max RSS ${(r.maxRssBytes / 2 ** 20).toFixed(0)} MiB, ${r.findings.length} findings`];
-  lines.push(`${'target'.padEnd(name)} ${pad('cases', 6)} ${pad('ok', 6)} ${pad('capped', 6)} ${pad('input', 6)} ${pad('ctrl', 6)} ${pad('other', 6)} ${pad('ms/case', 8)}`);
+  lines.push(`${'target'.padEnd(name)} ${pad('cases', 6)} ${pad('ok', 6)} ${pad('capped', 6)} ${pad('input', 6)} ${pad('other', 6)} ${pad('ms/case', 8)}`);
   for (const [k, s] of r.perTarget) {
     const ms = s.cases ? (s.ms / s.cases).toFixed(1) : '-';
-    lines.push(`${k.padEnd(name)} ${pad(s.cases, 6)} ${pad(s.ok, 6)} ${pad(s.capped, 6)} ${pad(s.inputError, 6)} ${pad(s.unclear, 6)} ${pad(s.findings, 6)} ${pad(ms, 8)}`);
+    lines.push(`${k.padEnd(name)} ${pad(s.cases, 6)} ${pad(s.ok, 6)} ${pad(s.capped, 6)} ${pad(s.inputError, 6)} ${pad(s.findings, 6)} ${pad(ms, 8)}`);
   }
-  for (const u of r.unclear) lines.push(`${u.target} case ${u.index}: ${u.message}`);
   return lines.join('\n');
 }
 
@@ -804,18 +793,6 @@ async function writeAt(path: string, chunks: [number, Buffer][], size?: number, 
   } finally {
     await fh.close();
   }
-}
-
-function aclValue(): Buffer {
-  const entries: [number, number, number][] = [[0x01, 7, 0xffffffff], [0x02, 5, 1000], [0x04, 5, 0xffffffff], [0x10, 5, 0xffffffff], [0x20, 4, 0xffffffff]];
-  const b = Buffer.alloc(4 + 8 * entries.length);
-  b.writeUInt32LE(2, 0);
-  entries.forEach(([tag, perm, id], i) => {
-    b.writeUInt16LE(tag, 4 + i * 8);
-    b.writeUInt16LE(perm, 6 + i * 8);
-    b.writeUInt32LE(id, 8 + i * 8);
-  });
-  return b;
 }
 
 /**
