@@ -35,7 +35,8 @@ export function labelChange(labels: Record<string, string>): string[] {
 }
 
 export async function importStage(ctx: StageContext, layer: Layer, output: Output, spec: ImageSpec): Promise<Imported> {
-  const meter = new LayerMeter((n) => ctx.progress.add(n));
+  // The file outputs compute the diffID as they write; only the daemon path needs the meter's.
+  const meter = new LayerMeter({ hash: output.kind === 'docker' }, (n) => ctx.progress.add(n));
   const changes = [...labelChange(spec.labels), ...spec.changes];
   if (output.kind === 'docker') {
     const docker = connect();

@@ -1,16 +1,17 @@
-import { createHash } from 'node:crypto';
+import { createHash, type Hash } from 'node:crypto';
 import { Transform } from 'node:stream';
 import { decodePaxRecords } from '../formats/tar.js';
 
 /**
- * A pass-through over the layer tar that computes its diffID (sha256 of the uncompressed tar),
- * counts bytes and entries while the data flows, so nothing is read twice. Entries are counted by
- * walking the 512-byte headers: data blocks are skipped without being looked at.
+ * A pass-through over the layer tar that counts bytes and entries while the data flows and, when
+ * asked, computes its diffID (sha256 of the uncompressed tar), so nothing is read twice. The file
+ * outputs hash the layer as they write it, so they do not ask. Entries are counted by walking the
+ * 512-byte headers: data blocks are skipped without being looked at.
  */
 export class LayerMeter extends Transform {
   bytes = 0;
   files = 0;
-  private readonly hash = createHash('sha256');
+  private readonly hash: Hash | undefined;
   private skip = 0;
   private header = Buffer.alloc(0);
   private paxSize: number | undefined;
@@ -18,16 +19,18 @@ export class LayerMeter extends Transform {
   private paxLeft = 0;
   private ended = false;
 
-  constructor(private readonly onBytes?: (n: number) => void) {
+  constructor(opts: { hash: boolean }, private readonly onBytes?: (n: number) => void) {
     super({ highWaterMark: 4 << 20 });
+    this.hash = opts.hash ? createHash('sha256') : undefined;
   }
 
   get diffId(): string {
+    if (!this.hash) throw new Error('LayerMeter: diffId asked of a meter made without hashing');
     return `sha256:${this.hash.copy().digest('hex')}`;
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null, data?: Buffer) => void): void {
-    this.hash.update(chunk);
+    this.hash?.update(chunk);
     this.bytes += chunk.length;
     this.onBytes?.(chunk.length);
     this.scan(chunk);
