@@ -1,5 +1,5 @@
 import { createReadStream } from 'node:fs';
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
 import { InputError } from '../errors.js';
@@ -14,7 +14,6 @@ export interface HostIso {
   /** Names in a directory ('' for none). */
   list(dir: string): Promise<string[]>;
   readFile(path: string): Promise<Buffer>;
-  size(path: string): Promise<number>;
   open(path: string): Readable;
   /** A file system path of an ISO file, when the ISO is mounted. */
   pathOf(path: string): string | undefined;
@@ -40,38 +39,26 @@ export async function openHostIso(
     method,
     list: async (d) => readdir(at(d)).catch(() => []),
     readFile: (p) => readFile(at(p)),
-    size: async (p) => (await stat(at(p))).size,
     open: (p) => createReadStream(at(p), { highWaterMark: 1 << 20 }),
     pathOf: at,
   };
 }
 
 function bsdtarIso(iso: string, signal: AbortSignal): HostIso {
-  let listing: Promise<Map<string, number>> | undefined;
+  let listing: Promise<string[]> | undefined;
   const entries = () =>
-    (listing ??= run('bsdtar', ['-tvf', iso], `bsdtar -tf ${iso}`, { signal }).then((out) => {
-      const m = new Map<string, number>();
-      for (const line of out.split('\n')) {
-        // -rw-r--r--  0 0 0 1023 Nov 24 01:37 ddk/xvda/chunk-000000000.gz
-        const f = /^\S+\s+\d+\s+\S+\s+\S+\s+(\d+)\s+\S+\s+\S+\s+\S+\s+(.*)$/.exec(line);
-        if (f) m.set(f[2]!.replace(/\/$/, ''), Number(f[1]));
-      }
-      return m;
-    }));
+    (listing ??= run('bsdtar', ['-tf', iso], `bsdtar -tf ${iso}`, { signal }).then((out) =>
+      out.split('\n').filter(Boolean).map((p) => p.replace(/\/$/, '')),
+    ));
   return {
     method: 'bsdtar',
     list: async (d) => {
       const prefix = d ? `${d}/` : '';
-      return [...(await entries()).keys()].filter((p) => p.startsWith(prefix) && p.length > prefix.length && !p.slice(prefix.length).includes('/')).map((p) => p.slice(prefix.length));
+      return (await entries()).filter((p) => p.startsWith(prefix) && p.length > prefix.length && !p.slice(prefix.length).includes('/')).map((p) => p.slice(prefix.length));
     },
     readFile: async (p) => {
       const r = await tool('bsdtar', ['-xOf', iso, p], { signal, encoding: 'buffer' });
       return Buffer.from(r.stdout as Uint8Array);
-    },
-    size: async (p) => {
-      const s = (await entries()).get(p);
-      if (s === undefined) throw new InputError(iso, `no ${p} in the ISO`);
-      return s;
     },
     // execa's stdout flows at once: pass it into a stream of ours before anyone reads it.
     open: (p) => tool('bsdtar', ['-xOf', iso, p], { signal, encoding: 'buffer', buffer: false }).stdout!.pipe(new PassThrough()),

@@ -2,7 +2,7 @@ import { Readable } from 'node:stream';
 import { InputError } from '../errors.js';
 import { chunkLayout, parseOvaXml, type OvaInfo } from '../formats/xva.js';
 import { Iso9660 } from '../formats/iso9660.js';
-import { FileSource } from '../formats/source.js';
+import { FileSource, type Source } from '../formats/source.js';
 import { openHostIso, type HostIso } from '../host/iso.js';
 import { isoMethod, probeFacilities } from '../host/facilities.js';
 import type { StageContext } from './stage.js';
@@ -13,7 +13,6 @@ export interface Chunk {
   name: string;
   /** Where its decompressed bytes start in the disk stream. */
   offset: number;
-  compressedSize: number;
   /** A path to read it from, when the ISO is mounted. */
   path?: string;
   open(): Readable;
@@ -21,7 +20,6 @@ export interface Chunk {
 
 export interface Extracted {
   ova: OvaInfo;
-  ovaXml: string;
   /** Directory of the chunks inside the ISO, e.g. "ddk/xvda". */
   chunkDir: string;
   chunks: Chunk[];
@@ -40,7 +38,6 @@ function chunkDirOf(ovaPath: string, source: string): string {
 interface IsoAccess {
   list(dir: string): Promise<string[]>;
   readFile(path: string): Promise<Buffer>;
-  size(path: string): Promise<number>;
   open(path: string): Readable;
   pathOf?(p: string): string | undefined;
 }
@@ -64,9 +61,9 @@ async function locate(iso: IsoAccess, isoName: string): Promise<Extracted> {
   const chunks: Chunk[] = [];
   for (const c of layout) {
     const p = `${chunkDir}/${c.name}`;
-    chunks.push({ index: c.index, name: c.name, offset: c.offset, compressedSize: await iso.size(p), path: iso.pathOf?.(p), open: () => iso.open(p) });
+    chunks.push({ index: c.index, name: c.name, offset: c.offset, path: iso.pathOf?.(p), open: () => iso.open(p) });
   }
-  return { ova, ovaXml, chunkDir, chunks };
+  return { ova, chunkDir, chunks };
 }
 
 async function builtinAccess(ctx: StageContext, isoPath: string, isoName: string): Promise<IsoAccess> {
@@ -88,23 +85,18 @@ async function builtinAccess(ctx: StageContext, isoPath: string, isoName: string
       const file = iso.open(e);
       return file.read(0, file.size);
     },
-    size: async (p) => (await entry(p)).size,
-    open: (p) => sourceStream(async () => iso.open(await entry(p))),
+    open: (p) => Readable.from(readAll(async () => iso.open(await entry(p))), { objectMode: false }),
   };
 }
 
-/** A byte stream over a Source, read in 1 MiB pieces. */
-async function* readAll(open: () => Promise<{ size: number; read(pos: number, len: number): Promise<Buffer> }>): AsyncGenerator<Buffer> {
+/** A file of the ISO as bytes, read in 1 MiB pieces. */
+async function* readAll(open: () => Promise<Source>): AsyncGenerator<Buffer> {
   const src = await open();
   for (let pos = 0; pos < src.size; ) {
     const n = Math.min(1 << 20, src.size - pos);
     yield await src.read(pos, n);
     pos += n;
   }
-}
-
-function sourceStream(open: Parameters<typeof readAll>[0]): Readable {
-  return Readable.from(readAll(open), { objectMode: false });
 }
 
 export async function extract(ctx: StageContext, isoPath: string, isoName: string): Promise<Extracted> {
