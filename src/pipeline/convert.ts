@@ -27,15 +27,12 @@ export async function convert(ctx: StageContext, disk: { path: string; name: str
   const closeSrc = ctx.cleanup.defer(`close ${disk.name}`, () => src.close());
   const isVhd = await detectVhd(src);
   if (!isVhd) {
-    if (declaredSize !== undefined) {
-      if (src.size > declaredSize) throw new InputError(disk.name, `the chunks hold ${src.size} bytes, more than the ${declaredSize} bytes ova.xml declares`);
-      await closeSrc();
-      if (src.size < declaredSize) await truncate(disk.path, declaredSize);
-      return { path: disk.path, size: declaredSize, payload: 'raw', ...(ctx.engine === 'builtin' ? { source: await openOwned(ctx, disk) } : {}) };
-    }
-    if (ctx.engine === 'builtin') return { path: disk.path, source: src, size: src.size, payload: 'raw' };
+    if (declaredSize !== undefined && src.size > declaredSize) throw new InputError(disk.name, `the chunks hold ${src.size} bytes, more than the ${declaredSize} bytes ova.xml declares`);
+    const size = declaredSize ?? src.size;
     await closeSrc();
-    return { path: disk.path, size: src.size, payload: 'raw' };
+    // Trailing all-zero chunks were left out: give the disk its declared length.
+    if (src.size < size) await truncate(disk.path, size);
+    return { path: disk.path, size, payload: 'raw', ...(ctx.engine === 'builtin' ? { source: await openOwned(ctx, disk) } : {}) };
   }
   const info = await vhdInfo(src);
   // Tools round a VHD's size up to a CHS geometry, so a larger virtual size is normal; a smaller one loses data.
