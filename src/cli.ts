@@ -2,9 +2,12 @@
 import { Argument, Command, InvalidArgumentError, Option } from 'commander';
 import { doctor, type Check } from './doctor.js';
 import { CancelledError } from './errors.js';
+import { loadPipelines } from './declarative/file.js';
+import { runPipelines, summaryTable } from './declarative/run.js';
 import { formatBytes } from './pipeline/runner.js';
 import { inspectSource, type InspectResult } from './pipeline/inspect.js';
 import { convertDdk, defaultCacheDir, type ConvertResult } from './pipeline/pipeline.js';
+import { describeVerification, verifyImage } from './pipeline/verify-image.js';
 import { VERSION } from './version.js';
 import { CONTAINER_ACTIONS, containerAction, deregister, listContainers, register, type ContainerAction } from './xapi/index.js';
 
@@ -54,6 +57,11 @@ function abortOnSignals(): { signal: AbortSignal; dispose(): void } {
       process.off('SIGTERM', handler);
     },
   };
+}
+
+function parseCount(value: string): number {
+  if (!/^[1-9]\d*$/.test(value)) throw new InvalidArgumentError('a whole number ≥ 1');
+  return Number(value);
 }
 
 function parseSeconds(value: string): number {
@@ -191,6 +199,71 @@ program
     );
     if (o.json) printJson(r);
     else process.stdout.write(describeInspection(r));
+  });
+
+program
+  .command('run')
+  .description('run declarative pipelines (pipelines/*.yaml): one conversion per file, then a summary table')
+  .argument('<pipeline...>', 'pipeline YAML files')
+  .option('--concurrency <n>', 'conversions at once', parseCount, 1)
+  .option('--fail-fast', 'stop the other pipelines at the first failure')
+  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
+  .option('--cache-dir <dir>', 'download cache')
+  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
+  .option('--quiet', 'no progress output')
+  .action(async (files: string[], o: { concurrency: number; failFast?: boolean; workdir?: string; cacheDir?: string; json?: boolean; quiet?: boolean }) => {
+    const specs = await loadPipelines(files);
+    const n = specs.length;
+    const say = (line: string) => o.quiet || process.stderr.write(`${line}\n`);
+    await withSignals(async (signal) => {
+      const outcomes = await runPipelines(specs, {
+        concurrency: o.concurrency,
+        failFast: Boolean(o.failFast),
+        ...(o.workdir ? { workdir: o.workdir } : {}),
+        ...(o.cacheDir ? { cacheDir: o.cacheDir } : {}),
+        // One at a time, the live stage view is readable; several at once would garble it.
+        renderer: o.quiet || o.concurrency > 1 ? 'silent' : 'auto',
+        signal,
+        onStart: (s, i) => say(`[${i + 1}/${n}] ${s.name}: started (${s.file})`),
+        onEnd: (r, i) => say(`[${i + 1}/${n}] ${r.name}: ${r.status} in ${r.seconds.toFixed(1)} s${r.error ? `: ${r.error}` : ''}`),
+      });
+      // The summary also after SIGINT: it says which pipelines finished before the stop.
+      if (o.json) printJson({ ok: outcomes.every((r) => r.status === 'ok'), pipelines: outcomes });
+      else process.stdout.write(summaryTable(outcomes));
+      if (signal.aborted) throw new CancelledError();
+      if (outcomes.some((r) => r.status !== 'ok')) process.exitCode = 1;
+    });
+  });
+
+program
+  .command('verify')
+  .description("compare an image's files, layer diffID and source labels with the disk it was converted from; exit 0 only when equal")
+  .argument('<source>', 'DDK ISO, .vhd, raw disk image, or an http(s) URL of one')
+  .requiredOption('--image <ref>', 'image in the daemon at DOCKER_HOST, docker-archive:FILE or oci:DIR')
+  .addOption(new Option('--engine <engine>', 'how to read the disk (as for convert)').choices(['builtin', 'host']).default('builtin'))
+  .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
+  .option('--sha256 <hex>', 'expected sha256 of the source')
+  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
+  .option('--cache-dir <dir>', 'download cache')
+  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
+  .option('--quiet', 'no progress output')
+  .action(async (source: string, o: Record<string, unknown>) => {
+    const r = await withSignals((signal) =>
+      verifyImage({
+        source,
+        image: o.image as string,
+        engine: o.engine as 'builtin' | 'host',
+        partition: o.partition as number | 'auto',
+        cacheDir: (o.cacheDir as string | undefined) ?? defaultCacheDir(),
+        ...(o.sha256 ? { sha256: o.sha256 as string } : {}),
+        ...(o.workdir ? { workdir: o.workdir as string } : {}),
+        renderer: o.quiet ? 'silent' : 'auto',
+        signal,
+      }),
+    );
+    if (o.json) printJson(r);
+    else process.stdout.write(describeVerification(r));
+    if (!r.equal) process.exitCode = 1;
   });
 
 program

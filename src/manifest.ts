@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import type { Readable } from 'node:stream';
+import { Transform, type Readable } from 'node:stream';
 import { readTar, type TarEntryType } from './formats/tar.js';
 
 /**
@@ -78,6 +78,8 @@ export async function manifestFromTar(stream: Readable, input: string): Promise<
 export interface CompareOptions {
   /** Compare mtimes at this precision in nanoseconds (1 = exact, 1e9 = whole seconds); 0 skips them. */
   mtimePrecisionNs?: bigint;
+  /** Map both sides' mtimes before comparing them (e.g. to what Docker's tar writer keeps). */
+  mtime?: (ns: bigint) => bigint;
   /** Paths to leave out on both sides (e.g. what `docker export` adds). */
   ignore?: (path: string) => boolean;
   /** Compare the root directory's own attributes (tools disagree on them). */
@@ -86,27 +88,77 @@ export interface CompareOptions {
 
 const FIELDS = ['type', 'mode', 'uid', 'gid', 'size', 'sha256', 'linkname', 'devmajor', 'devminor', 'linkGroup'] as const;
 
-/** Differences between two manifests, one human-readable line each; empty when equal. */
-export function compareManifests(expected: Manifest, actual: Manifest, opts: CompareOptions = {}): string[] {
+/** One field of one entry that differs; `entry` when the path is only on one side (the other is null). */
+export interface Difference {
+  path: string;
+  field: (typeof FIELDS)[number] | 'entry' | 'mtime' | 'xattrs';
+  expected: string | number | null;
+  actual: string | number | null;
+}
+
+/** Differences between two manifests, entry by entry in path order; empty when equal. */
+export function diffManifests(expected: Manifest, actual: Manifest, opts: CompareOptions = {}): Difference[] {
   const precision = opts.mtimePrecisionNs ?? 1n;
+  const mtime = opts.mtime ?? ((ns: bigint) => ns);
   const skip = (p: string) => (!opts.includeRoot && p === '') || (opts.ignore?.(p) ?? false);
-  const diffs: string[] = [];
+  const diffs: Difference[] = [];
   const paths = [...new Set([...expected.keys(), ...actual.keys()])].sort();
-  for (const p of paths) {
-    if (skip(p)) continue;
-    const a = expected.get(p);
-    const b = actual.get(p);
-    if (!a) { diffs.push(`${p}: unexpected entry (${b!.type})`); continue; }
-    if (!b) { diffs.push(`${p}: missing (${a.type})`); continue; }
-    for (const f of FIELDS) {
-      if (a[f] !== b[f]) diffs.push(`${p}: ${f} ${fmt(a[f])} != ${fmt(b[f])}`);
+  for (const path of paths) {
+    if (skip(path)) continue;
+    const a = expected.get(path);
+    const b = actual.get(path);
+    if (!a || !b) {
+      diffs.push({ path, field: 'entry', expected: a?.type ?? null, actual: b?.type ?? null });
+      continue;
     }
-    if (precision > 0n && a.mtimeNs / precision !== b.mtimeNs / precision) diffs.push(`${p}: mtime ${a.mtimeNs} != ${b.mtimeNs}`);
+    for (const field of FIELDS) {
+      if (a[field] !== b[field]) diffs.push({ path, field, expected: a[field] ?? null, actual: b[field] ?? null });
+    }
+    if (precision > 0n && mtime(a.mtimeNs) / precision !== mtime(b.mtimeNs) / precision) diffs.push({ path, field: 'mtime', expected: String(a.mtimeNs), actual: String(b.mtimeNs) });
     const ax = JSON.stringify(a.xattrs);
     const bx = JSON.stringify(b.xattrs);
-    if (ax !== bx) diffs.push(`${p}: xattrs ${ax} != ${bx}`);
+    if (ax !== bx) diffs.push({ path, field: 'xattrs', expected: ax, actual: bx });
   }
   return diffs;
+}
+
+/** Differences between two manifests, one human-readable line each; empty when equal. */
+export function compareManifests(expected: Manifest, actual: Manifest, opts: CompareOptions = {}): string[] {
+  return diffManifests(expected, actual, opts).map(formatDifference);
+}
+
+export function formatDifference(d: Difference): string {
+  if (d.field === 'entry') return d.actual === null ? `${d.path}: missing (${d.expected})` : `${d.path}: unexpected entry (${d.actual})`;
+  return `${d.path}: ${d.field} ${fmt(d.expected)} != ${fmt(d.actual)}`;
+}
+
+/**
+ * What Docker's own tar writer (daemon 20.10: `docker export`, and a saved layer it cannot hand
+ * back byte for byte) keeps of an mtime: whole seconds, and 0 for times before 1970.
+ */
+export function dockerTarMtime(ns: bigint): bigint {
+  return ns < 0n ? 0n : ns - (ns % 1_000_000_000n);
+}
+
+/** A layer tar's manifest, and at the same time the sha256 of its bytes (its diffID) and its size. */
+export async function manifestWithDigest(stream: Readable, input: string, onBytes?: (n: number) => void): Promise<{ manifest: Manifest; diffId: string; bytes: number }> {
+  const hash = createHash('sha256');
+  let bytes = 0;
+  const counted = stream.pipe(
+    new Transform({
+      highWaterMark: 1 << 20,
+      transform(chunk: Buffer, _enc, cb) {
+        hash.update(chunk);
+        bytes += chunk.length;
+        onBytes?.(chunk.length);
+        cb(null, chunk);
+      },
+    }),
+  );
+  stream.once('error', (err) => counted.destroy(err));
+  // readTar reads on to the end of the stream (record padding too): the hash covers every byte.
+  const manifest = await manifestFromTar(counted, input);
+  return { manifest, diffId: `sha256:${hash.digest('hex')}`, bytes };
 }
 
 function fmt(v: unknown): string {
