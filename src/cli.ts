@@ -33,17 +33,21 @@ function printJson(value: unknown): void {
 function summary(r: ConvertResult): string {
   const where = r.image ? `image ${r.image.tag ?? r.image.id}${r.image.tag ? ` (${r.image.id.slice(0, 19)})` : ''}` : r.path ?? r.output;
   const total = r.stages.reduce((s, t) => s + t.seconds, 0);
-  return `${where}: ${r.files} entries, ${formatBytes(r.bytes)}, ${r.diffId} in ${total.toFixed(1)} s`;
+  const pushed = r.pushed ? `; pushed ${r.pushed.ref}@${r.pushed.digest}` : '';
+  return `${where}: ${r.files} entries, ${formatBytes(r.bytes)}, ${r.diffId} in ${total.toFixed(1)} s${pushed}`;
 }
 
 /**
  * SIGINT/SIGTERM abort the run; the pipeline then undoes its mounts, loop devices, temp files and
  * half-imported image before the process exits. A second signal during cleanup is ignored.
  */
+let received: NodeJS.Signals | undefined;
+
 function abortOnSignals(): { signal: AbortSignal; dispose(): void } {
   const controller = new AbortController();
   const handler = (sig: NodeJS.Signals) => {
     if (!controller.signal.aborted) {
+      received = sig;
       process.stderr.write(`\nddk2docker: ${sig}: stopping and cleaning up\n`);
       controller.abort(new CancelledError(sig));
     }
@@ -136,12 +140,15 @@ program
   .option('--xapi-ca <file>', "PEM certificate(s) to trust for XAPI's TLS")
   .option('--insecure', "do not verify XAPI's TLS certificate")
   .option('--wait-monitoring <seconds>', 'after registering, wait until the monitor reports a container of the image', parseSeconds)
+  .option('--push <registry/repo:tag>', 'push the verified image to a registry (credentials: REGISTRY_USER / REGISTRY_PASSWORD)')
+  .option('--push-insecure', 'allow HTTP, or HTTPS without certificate checks, to the --push registry (loopback always is)')
   .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
   .option('--quiet', 'no progress output')
   .action(async (source: string, o: Record<string, unknown>) => {
     if (o.registerVm && !o.xapi) throw new InvalidArgumentError('--register-vm needs --xapi URL');
     if (o.xapi && !o.registerVm) throw new InvalidArgumentError('--xapi goes with --register-vm UUID');
     if (o.waitMonitoring !== undefined && !o.registerVm) throw new InvalidArgumentError('--wait-monitoring goes with --register-vm UUID');
+    if (o.pushInsecure && !o.push) throw new InvalidArgumentError('--push-insecure goes with --push REGISTRY/REPO:TAG');
     const result = await withSignals((signal) =>
       convertDdk({
         source,
@@ -157,6 +164,7 @@ program
         ...(o.cacheDir ? { cacheDir: o.cacheDir as string } : {}),
         keepWorkdir: Boolean(o.keepWorkdir),
         renderer: o.quiet ? 'silent' : 'auto',
+        ...(o.push ? { push: o.push as string, ...(o.pushInsecure ? { pushInsecure: true } : {}) } : {}),
         ...(o.registerVm
           ? {
               register: {
@@ -311,5 +319,6 @@ try {
   const msg = (e.message || String(err)).split('\n')[0];
   process.stderr.write(`ddk2docker: ${msg}\n`);
   if (process.env.DDK2DOCKER_DEBUG) process.stderr.write(`${e.stack}\n`);
-  process.exitCode = err instanceof CancelledError ? 130 : 1;
+  // As a shell reports a death by that signal: 128 + 2 (SIGINT) or 128 + 15 (SIGTERM).
+  process.exitCode = err instanceof CancelledError ? (received === 'SIGTERM' ? 143 : 130) : 1;
 }
