@@ -8,6 +8,7 @@ import { formatBytes } from './pipeline/runner.js';
 import { inspectSource, type InspectResult } from './pipeline/inspect.js';
 import { convertDdk, defaultCacheDir, type ConvertResult } from './pipeline/pipeline.js';
 import { describeVerification, verifyImage } from './pipeline/verify-image.js';
+import { catalogueTable, listCatalogue } from './catalogue.js';
 import { VERSION } from './version.js';
 import { CONTAINER_ACTIONS, containerAction, deregister, listContainers, register, type ContainerAction } from './xapi/index.js';
 
@@ -34,7 +35,8 @@ function summary(r: ConvertResult): string {
   const where = r.image ? `image ${r.image.tag ?? r.image.id}${r.image.tag ? ` (${r.image.id.slice(0, 19)})` : ''}` : r.path ?? r.output;
   const total = r.stages.reduce((s, t) => s + t.seconds, 0);
   const pushed = r.pushed ? `; pushed ${r.pushed.ref}@${r.pushed.digest}` : '';
-  return `${where}: ${r.files} entries, ${formatBytes(r.bytes)}, ${r.diffId} in ${total.toFixed(1)} s${pushed}`;
+  const domain = r.libvirt ? `\ndomain ${r.libvirt.name}: ${r.libvirt.domainXml} (boots ${r.libvirt.init}; virsh -c lxc:/// define it)` : '';
+  return `${where}: ${r.files} entries, ${formatBytes(r.bytes)}, ${r.diffId} in ${total.toFixed(1)} s${pushed}${domain}`;
 }
 
 /**
@@ -126,12 +128,13 @@ program
   .argument('<source>', 'DDK ISO, .vhd, raw disk image, or an http(s) URL of one')
   .option('--tag <repo:tag>', 'name for the image (given only after it is verified)')
   .addOption(new Option('--engine <engine>', 'builtin: in-process, no root; host: mount/zcat/qemu-img/losetup/tar').choices(['builtin', 'host']).default('builtin'))
-  .option('--output <target>', 'docker | docker-archive:FILE | oci:DIR | rootfs:FILE.tar[.gz]', 'docker')
+  .option('--output <target>', 'docker | docker-archive:FILE | oci:DIR | rootfs:FILE.tar[.gz] | libvirt-lxc:DIR (DIR/rootfs + DIR/domain.xml)', 'docker')
   .option('--sha256 <hex>', 'expected sha256 of the source')
   .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
   .option('--change <instruction>', "Dockerfile instruction to apply, e.g. 'CMD [\"/bin/bash\"]' (repeatable)", collect, [] as string[])
   .option('--label <k=v>', 'image label (repeatable)', parseLabel, {} as Record<string, string>)
   .option('--smoke <cmd>', 'command that must succeed in a container from the image')
+  .option('--uname-shim', "add /usr/local/bin/uname reporting the DDK's kernel for -r (builds of kernel modules would see the host's)")
   .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
   .option('--keep-workdir', 'keep the scratch space for inspection')
   .option('--cache-dir <dir>', 'download cache')
@@ -160,6 +163,7 @@ program
         ...(o.tag ? { tag: o.tag as string } : {}),
         ...(o.sha256 ? { sha256: o.sha256 as string } : {}),
         ...(o.smoke !== undefined ? { smoke: o.smoke as string } : {}),
+        ...(o.unameShim ? { unameShim: true } : {}),
         ...(o.workdir ? { workdir: o.workdir as string } : {}),
         ...(o.cacheDir ? { cacheDir: o.cacheDir as string } : {}),
         keepWorkdir: Boolean(o.keepWorkdir),
@@ -180,7 +184,10 @@ program
       }),
     );
     if (o.json) printJson(result);
-    else process.stdout.write(`${summary(result)}\n`);
+    else {
+      process.stdout.write(`${summary(result)}\n`);
+      for (const w of result.libvirt?.warnings ?? []) process.stderr.write(`ddk2docker: warning: ${w}\n`);
+    }
   });
 
 program
@@ -272,6 +279,16 @@ program
     if (o.json) printJson(r);
     else process.stdout.write(describeVerification(r));
     if (!r.equal) process.exitCode = 1;
+  });
+
+program
+  .command('ls')
+  .description('every conversion made on this machine (the catalogue), and whether its image or file is still there')
+  .option('--json', 'print a JSON array')
+  .action(async (o: { json?: boolean }) => {
+    const entries = await listCatalogue();
+    if (o.json) printJson(entries);
+    else process.stdout.write(catalogueTable(entries));
   });
 
 program

@@ -46,7 +46,7 @@ export interface VerifyImageResult {
   labels: Record<string, LabelCheck>;
   /** exact: the layer read back is byte for byte the one the image names; docker: mtimes as Docker's tar writer keeps them. */
   precision: 'exact' | 'docker';
-  /** Path ignored because the image says it added it (the uname shim). */
+  /** The path the image says it added (label ddk2docker.uname-shim): left out of the comparison, and the diffIDs then differ by design. */
   ignored?: string;
   /** Entries on the disk side. */
   entries: number;
@@ -115,8 +115,10 @@ function compare(d: DiskState, ref: string, id: string | undefined, disk: { mani
   });
   const diffIdEqual = disk.diffId === imageDiffId;
   const labelsEqual = Object.values(labels).every((l) => l.equal || l.level === 'warning');
+  // The shim is appended to the layer, so its diffID cannot be the disk's: the trees, which leave
+  // out exactly that path, are the proof then.
   return {
-    equal: diffIdEqual && labelsEqual && diffs.length === 0 && image.diffIds.length === 1,
+    equal: (diffIdEqual || shim !== undefined) && labelsEqual && diffs.length === 0 && image.diffIds.length === 1,
     source: { name: d.fetched.name, sha256: d.fetched.sha256 },
     image: { ref, ...(id ? { id } : {}), layers: image.diffIds.length },
     diffId: { disk: disk.diffId, image: imageDiffId, equal: diffIdEqual, read: image.layer.diffId },
@@ -133,7 +135,7 @@ function compare(d: DiskState, ref: string, id: string | undefined, disk: { mani
 /** The human report: a summary line, then each problem on its own line (names escaped). */
 export function describeVerification(r: VerifyImageResult): string {
   const problems: string[] = [];
-  if (!r.diffId.equal) problems.push('diffID differs');
+  if (!r.diffId.equal) problems.push(r.ignored === undefined ? 'diffID differs' : `diffID differs (the layer adds the uname shim ${printable(r.ignored)}, left out of the comparison)`);
   if (r.image.layers !== 1) problems.push(`${r.image.layers} layers`);
   for (const [k, l] of Object.entries(r.labels)) if (!l.equal) problems.push(`label ${k} differs${l.level === 'warning' ? ' (warning)' : ''}`);
   if (r.differenceCount) problems.push(`${r.differenceCount} file difference${r.differenceCount === 1 ? '' : 's'}`);

@@ -1,9 +1,11 @@
+import { forgetVm, warnCatalogue } from '../catalogue.js';
+import { deregister as deregisterVm, type RegistrationResult, type XapiVmOptions } from './xscontainer.js';
+
 export { XapiError } from './rpc.js';
 export { checkXapiSettings, parseXapiUrl, withXapiSession, type XapiConnectOptions, type XapiSession } from './session.js';
 export {
   CONTAINER_ACTIONS,
   containerAction,
-  deregister,
   fromImage,
   listContainers,
   parseDockerPs,
@@ -18,3 +20,10 @@ export {
   type WaitMonitoringResult,
   type XapiVmOptions,
 } from './xscontainer.js';
+
+/** Deregister a Docker VM; the catalogue then lists it under no image. */
+export async function deregister(options: XapiVmOptions): Promise<RegistrationResult> {
+  const r = await deregisterVm(options);
+  await forgetVm(r.vm).catch(warnCatalogue);
+  return r;
+}
