@@ -3,6 +3,9 @@ export { convertDdk, defaultCacheDir, LABELS, type ConvertOptions, type ConvertR
 export { inspectSource, type InspectOptions, type InspectResult } from './pipeline/inspect.js';
 export { verifyImage, describeVerification, type VerifyImageOptions, type VerifyImageResult } from './pipeline/verify-image.js';
 export { listCatalogue, catalogueTable, recordConversion, forgetVm, catalogueFile, type CatalogueEntry, type ListedEntry } from './catalogue.js';
+export { loadPipeline, loadPipelines, parsePipeline, PipelineFileSchema, type PipelineSpec } from './declarative/file.js';
+export { runPipelines, summaryTable, type PipelineOutcome, type RunOptions, type Sha256Status } from './declarative/run.js';
+export { recordedSha256, recordSha256, recordedSha256File, type RecordedSha256 } from './recorded-sha256.js';
 export { doctor, type DoctorReport } from './doctor.js';
 export { CancelledError, EnvironmentError, InputError } from './errors.js';
 export { FileSource, SliceSource, type Source } from './formats/source.js';
