@@ -9,13 +9,25 @@ export function tool(file: string, args: readonly string[], options: Options & {
   return execa(file, args, { cancelSignal: signal, forceKillAfterDelay: 3000, stripFinalNewline: true, ...rest });
 }
 
+/** Closing lines that say nothing about the problem: the line before them does. */
+const TRAILERS = [/^tar: Exiting with failure status due to previous errors$/, /dmesg\(1\) may have more information/];
+
+/** The last telling line of a tool's stderr (text, or bytes when run with encoding 'buffer'). */
+function lastWords(stderr: unknown): string | undefined {
+  const text = stderr instanceof Uint8Array ? Buffer.from(stderr).toString('utf8') : String(stderr ?? '');
+  return text
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l && !TRAILERS.some((t) => t.test(l)))
+    .pop();
+}
+
 /** Turn an execa failure into one line naming the tool and what it said. */
 export function toolError(err: unknown, what: string): Error {
   if (err instanceof ExecaError) {
     if (err.isCanceled) return new CancelledError();
     if (err.code === 'ENOENT') return new EnvironmentError(`${what}: ${err.command.split(' ')[0]} is not installed`);
-    const said = String(err.stderr ?? '').trim().split('\n').filter(Boolean).pop() ?? err.shortMessage;
-    return new Error(`${what}: ${said}`, { cause: err });
+    return new Error(`${what}: ${lastWords(err.stderr) ?? err.shortMessage}`, { cause: err });
   }
   return err instanceof Error ? err : new Error(String(err));
 }

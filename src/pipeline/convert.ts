@@ -2,6 +2,7 @@ import { rm, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { InputError } from '../errors.js';
 import { detectVhd, openVhd, vhdInfo } from '../formats/vhd.js';
+import { CHUNK_SIZE } from '../formats/xva.js';
 import { FileSource, type Source } from '../formats/source.js';
 import { tool, toolError } from '../host/exec.js';
 import type { StageContext } from './stage.js';
@@ -28,6 +29,12 @@ export async function convert(ctx: StageContext, disk: { path: string; name: str
   const isVhd = await detectVhd(src);
   if (!isVhd) {
     if (declaredSize !== undefined && src.size > declaredSize) throw new InputError(disk.name, `the chunks hold ${src.size} bytes, more than the ${declaredSize} bytes ova.xml declares`);
+    // A chunk is short only where the disk ends: a last chunk that stops earlier lost its tail.
+    const fullTo = declaredSize === undefined ? src.size : Math.min(declaredSize, Math.ceil(src.size / CHUNK_SIZE) * CHUNK_SIZE);
+    if (src.size < fullTo) {
+      const last = Math.floor((src.size - 1) / CHUNK_SIZE);
+      throw new InputError(disk.name, `chunk ${last} ends at byte ${src.size}, but ova.xml declares a ${declaredSize}-byte disk, so it must run to byte ${fullTo}`);
+    }
     const size = declaredSize ?? src.size;
     await closeSrc();
     // Trailing all-zero chunks were left out: give the disk its declared length.

@@ -61,19 +61,19 @@ function sparseWriter(fh: FileHandle, start: number, ctx: StageContext, written:
   });
 }
 
-function checkChunkSize(chunk: Chunk, size: number, isLast: boolean, iso: string): void {
-  if (size > CHUNK_SIZE) throw new InputError(`${iso}:${chunk.name}`, `decompresses to ${size} bytes, more than the ${CHUNK_SIZE}-byte chunk size`);
-  if (!isLast && size !== CHUNK_SIZE) throw new InputError(`${iso}:${chunk.name}`, `decompresses to ${size} bytes; every chunk but the last must hold exactly ${CHUNK_SIZE}`);
+function checkChunkSize(size: number, isLast: boolean, input: string): void {
+  if (size > CHUNK_SIZE) throw new InputError(input, `decompresses to ${size} bytes, more than the ${CHUNK_SIZE}-byte chunk size`);
+  if (!isLast && size !== CHUNK_SIZE) throw new InputError(input, `decompresses to ${size} bytes; every chunk but the last must hold exactly ${CHUNK_SIZE}`);
 }
 
-async function builtinChunk(ctx: StageContext, fh: FileHandle, chunk: Chunk): Promise<number> {
+async function builtinChunk(ctx: StageContext, fh: FileHandle, chunk: Chunk, input: string): Promise<number> {
   const written = { n: 0 };
   try {
     await pipeline(chunk.open(), createGunzip({ chunkSize: 1 << 20 }), sparseWriter(fh, chunk.offset, ctx, written), { signal: ctx.signal });
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code ?? '';
     if (code.startsWith('Z_') || /unexpected end|incorrect header|invalid/i.test((err as Error).message)) {
-      throw new InputError(chunk.name, `corrupt gzip data: ${(err as Error).message}`, { cause: err });
+      throw new InputError(input, `corrupt gzip data: ${(err as Error).message}`, { cause: err });
     }
     throw err;
   }
@@ -81,7 +81,7 @@ async function builtinChunk(ctx: StageContext, fh: FileHandle, chunk: Chunk): Pr
 }
 
 /** The manual recipe's way, but gap-correct: zcat into dd at the chunk's own offset. */
-async function hostChunk(ctx: StageContext, disk: string, chunk: Chunk): Promise<number> {
+async function hostChunk(ctx: StageContext, disk: string, chunk: Chunk, input: string): Promise<number> {
   const zcat = chunk.path
     ? tool('zcat', [chunk.path], { signal: ctx.signal, buffer: { stdout: false } })
     : tool('zcat', [], { signal: ctx.signal, input: chunk.open(), buffer: { stdout: false } });
@@ -103,7 +103,8 @@ async function hostChunk(ctx: StageContext, disk: string, chunk: Chunk): Promise
     await zcat.pipe(dd);
   } catch (err) {
     const e = toolError(err, `zcat ${chunk.name}`);
-    if (/zcat/.test(e.message) && !ctx.signal.aborted) throw new InputError(chunk.name, `corrupt gzip data: ${e.message.replace(/^zcat [^:]*: /, '')}`);
+    // gzip names the chunk by its path in our scratch mount: the input's name says it better.
+    if (/zcat/.test(e.message) && !ctx.signal.aborted) throw new InputError(input, `corrupt gzip data: ${e.message.replace(/^zcat [^:]*: (gzip: [^:]*: )?/, '')}`);
     throw e;
   }
   if (copied < 0) copied = 0;
@@ -119,8 +120,9 @@ export async function decompress(ctx: StageContext, extracted: Extracted, isoNam
   const last = chunks[chunks.length - 1]!;
   let streamSize = 0;
   await pool(chunks, availableParallelism(), ctx.signal, async (chunk) => {
-    const size = ctx.engine === 'builtin' ? await builtinChunk(ctx, fh, chunk) : await hostChunk(ctx, path, chunk);
-    checkChunkSize(chunk, size, chunk === last, isoName);
+    const input = `${isoName}:${extracted.chunkDir}/${chunk.name}`;
+    const size = ctx.engine === 'builtin' ? await builtinChunk(ctx, fh, chunk, input) : await hostChunk(ctx, path, chunk, input);
+    checkChunkSize(size, chunk === last, input);
     if (chunk === last) ctx.progress.total = (chunks.length - 1) * CHUNK_SIZE + size;
     streamSize = Math.max(streamSize, chunk.offset + size);
   });

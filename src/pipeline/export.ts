@@ -1,5 +1,6 @@
 import { readdir } from 'node:fs/promises';
 import { PassThrough, type Readable } from 'node:stream';
+import { CancelledError, InputError } from '../errors.js';
 import { ExtFileSystem } from '../formats/ext/index.js';
 import { packTree } from '../formats/tar.js';
 import { tool, toolError } from '../host/exec.js';
@@ -32,7 +33,9 @@ export const GNU_TAR_ARGS = [
 async function hostExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
   const dir = await mountPoint(ctx.workdir, ctx.cleanup, 'root');
   const fsType = root.fsType ?? 'ext4';
-  const unmount = await mount(ctx.cleanup, { device: root.device!, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount partition ${root.index}` });
+  const unmount = await mount(ctx.cleanup, { device: root.device!, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount ${root.device!}` }).catch((err: Error) => {
+    throw err instanceof CancelledError ? err : new InputError(root.input, `cannot mount its ${fsType}: ${err.message.replace(/^mount \S+: (mount: \S+: )?/, '')}`, { cause: err });
+  });
   // The root as "./" and everything else without the "./" prefix, as the builtin writer names
   // entries: both engines then give byte-identical layers, hence one diffID. Names go through
   // stdin, NUL-separated and verbatim, so none can be taken for an option.
@@ -46,7 +49,8 @@ async function hostExport(ctx: StageContext, root: MappedRoot): Promise<Layer> {
     try {
       await tar;
     } catch (err) {
-      throw toolError(err, `tar of partition ${root.index}`);
+      const e = toolError(err, 'tar');
+      throw e instanceof CancelledError ? e : new InputError(root.input, e.message.replace(/^tar: tar: /, 'tar: '), { cause: err });
     }
     await unmount();
   })();

@@ -1,6 +1,6 @@
 import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { InputError } from '../errors.js';
+import { CancelledError, InputError } from '../errors.js';
 import { ExtFileSystem } from '../formats/ext/index.js';
 import { chooseRootPartition, partitionSource, readPartitionTable, type Partition } from '../formats/partitions.js';
 import type { Source } from '../formats/source.js';
@@ -13,6 +13,8 @@ import type { StageContext } from './stage.js';
 /** map: find the root partition and make it reachable (a block device, or a Source). */
 export interface MappedRoot {
   index: number;
+  /** The partition as messages name it, e.g. "disk.raw partition 1". */
+  input: string;
   offset: number;
   size: number;
   /** Host engine: the block device of the partition. */
@@ -26,6 +28,8 @@ export interface MappedRoot {
 export type PartitionChoice = number | 'auto';
 
 const RELEASE_FILES = ['etc/os-release', 'etc/redhat-release'];
+/** MBR types of extended partitions (DOS, Windows LBA, Linux), which contain the logical ones. */
+const EXTENDED_TYPES = new Set(['5', 'F', '85']);
 
 function describe(parts: { index: number; type: string; size: number }[]): string {
   return parts.map((p) => `${p.index} (type ${p.type}, ${p.size} bytes)`).join(', ') || 'none';
@@ -35,25 +39,25 @@ async function builtinMap(ctx: StageContext, disk: RawDisk, choice: PartitionCho
   const src = disk.source!;
   const table = await readPartitionTable(src);
   const probe = async (p: Partition) => {
-    try {
-      const fs = await ExtFileSystem.open(partitionSource(src, p));
-      for (const f of RELEASE_FILES) if (await fs.lookup(f)) return true;
-    } catch {
-      // not an ext file system we can read: not the root
-    }
+    // An unreadable candidate is not the root; its InputError becomes part of the "no root" message.
+    const fs = await ExtFileSystem.open(partitionSource(src, p));
+    for (const f of RELEASE_FILES) if (await fs.lookup(f)) return true;
     return false;
   };
   const root = await chooseRootPartition(table.partitions, probe, choice, src.name);
   ctx.note(`partition ${root.index} (${table.scheme}, type ${root.type}) at offset ${root.offset}`);
-  return { index: root.index, offset: root.offset, size: root.size, source: partitionSource(src, root) };
+  const source = partitionSource(src, root);
+  return { index: root.index, input: source.name, offset: root.offset, size: root.size, source };
 }
 
 /** Mount a candidate read-only and look for a release file; always unmounted and detached again. */
-async function hostProbe(ctx: StageContext, device: string): Promise<boolean> {
+async function hostProbe(ctx: StageContext, device: string, input: string): Promise<boolean> {
   const fsType = await blkidType(device, ctx.signal);
   if (!fsType || !/^ext[234]$/.test(fsType)) return false;
   const dir = await mountPoint(ctx.workdir, ctx.cleanup, 'probe');
-  const unmount = await mount(ctx.cleanup, { device, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount ${device}` });
+  const unmount = await mount(ctx.cleanup, { device, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount ${device}` }).catch((err: Error) => {
+    throw err instanceof CancelledError ? err : new InputError(input, `cannot mount its ${fsType}: ${err.message.replace(/^mount \S+: (mount: \S+: )?/, '')}`, { cause: err });
+  });
   try {
     for (const f of RELEASE_FILES) if (await lstat(join(dir, f)).then(() => true, () => false)) return true;
     return false;
@@ -78,6 +82,12 @@ async function hostMap(ctx: StageContext, disk: RawDisk, name: string, choice: P
   for (const p of parts) {
     if (p.offset + p.size > disk.size) throw new InputError(name, `partition ${p.index} ends at byte ${p.offset + p.size}, beyond the ${disk.size}-byte disk`);
   }
+  // sfdisk lists overlapping partitions without a word; an extended partition holds its logical ones.
+  const primary = parts.filter((p) => !EXTENDED_TYPES.has(p.type));
+  for (const [i, a] of primary.entries()) {
+    const b = primary.slice(i + 1).find((q) => q.offset < a.offset + a.size && a.offset < q.offset + q.size);
+    if (b) throw new InputError(name, `partitions ${a.index} (bytes ${a.offset}–${a.offset + a.size - 1}) and ${b.index} (bytes ${b.offset}–${b.offset + b.size - 1}) overlap`);
+  }
   const mapped = method === 'kpartx' && !wholeDisk ? await kpartxMap(ctx.cleanup, path, ctx.signal) : undefined;
   const attach = async (p: HostPartition) => {
     if (mapped) {
@@ -95,21 +105,28 @@ async function hostMap(ctx: StageContext, disk: RawDisk, name: string, choice: P
     if (chosen.swap) throw new InputError(name, `partition ${choice} is swap, not a file system`);
     device = (await attach(chosen)).device;
   } else {
+    const reasons: string[] = [];
     for (const p of parts.filter((q) => q.linux && !q.swap)) {
       const a = await attach(p);
-      if (await hostProbe(ctx, a.device)) {
+      const found = await hostProbe(ctx, a.device, `partition ${p.index}`).catch((err: unknown) => {
+        if (!(err instanceof InputError)) throw err;
+        reasons.push(err.message);
+        return false;
+      });
+      if (found) {
         chosen = p;
         device = a.device;
         break;
       }
       await a.detach();
     }
-    if (!chosen) throw new InputError(name, `no Linux partition holding /etc/os-release or /etc/redhat-release; partitions: ${describe(parts)}`);
+    const why = reasons.length ? ` (${reasons.join('; ')})` : '';
+    if (!chosen) throw new InputError(name, `no Linux partition holding /etc/os-release or /etc/redhat-release${why}; partitions: ${describe(parts)}`);
   }
   const fsType = await blkidType(device!, ctx.signal);
   if (!fsType || !/^ext[234]$/.test(fsType)) throw new InputError(name, `partition ${chosen.index} holds ${fsType ?? 'no recognisable'} file system, not ext2/3/4`);
   ctx.note(`partition ${chosen.index} (type ${chosen.type}, ${fsType}) at offset ${chosen.offset}${method === 'kpartx' ? ` as ${device}` : ''}`);
-  return { index: chosen.index, offset: chosen.offset, size: chosen.size, device, fsType };
+  return { index: chosen.index, input: `${name} partition ${chosen.index}`, offset: chosen.offset, size: chosen.size, device, fsType };
 }
 
 export async function mapRoot(ctx: StageContext, disk: RawDisk, name: string, choice: PartitionChoice): Promise<MappedRoot> {

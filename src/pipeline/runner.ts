@@ -45,6 +45,20 @@ export function progressLine(p: Progress, seconds: number): string {
 }
 
 /**
+ * Test hook: with DDK2DOCKER_TEST_HOLD=<stage>, that stage, its work done and all it made still
+ * in place, waits until the run is aborted. Tests use it to interrupt any stage, however fast,
+ * deterministically (test/e2e/interrupts.test.ts); it does nothing otherwise.
+ */
+function holdForTest(name: StageName, ctx: StageContext): Promise<void> {
+  if (process.env.DDK2DOCKER_TEST_HOLD !== name) return Promise.resolve();
+  ctx.note('held by DDK2DOCKER_TEST_HOLD until interrupted');
+  return new Promise((_, reject) => {
+    if (ctx.signal.aborted) reject(ctx.signal.reason);
+    ctx.signal.addEventListener('abort', () => reject(ctx.signal.reason), { once: true });
+  });
+}
+
+/**
  * Run the steps as listr2 tasks on stderr (stdout stays free for --json): a live view on a
  * terminal, plain lines with progress every few seconds in CI logs. Every stage is timed.
  */
@@ -86,7 +100,7 @@ export async function runSteps(
           show(text);
         },
       };
-      const run = spec.run(ctx);
+      const run = spec.run(ctx).then(() => holdForTest(spec.name, ctx));
       running.add(run);
       try {
         await run;
