@@ -103,6 +103,7 @@ async function withSignals<T>(fn: (signal: AbortSignal) => Promise<T>): Promise<
 function describeInspection(r: InspectResult): string {
   const lines = [`${r.source.name} (${r.source.kind}, ${formatBytes(r.source.size)}, sha256 ${r.source.sha256})`];
   if (r.ova) lines.push(`  ova.xml: ${r.ova.label || r.ova.vmName}, disk of ${r.ova.vdiSize} bytes; chunks ${r.ova.chunks.join(', ')}${r.ova.leftOut.length ? `; left out (all zeros): ${r.ova.leftOut.join(', ')}` : ''}`);
+  if (r.xva) lines.push(`  XVA version 2: ${r.xva.vmName || 'unnamed VM'}, root disk ${r.xva.vdi} of ${r.xva.virtualSize} bytes; ${r.xva.blocks} blocks of 1 MiB with ${r.xva.checksums.join(' and ')} checksums, ${r.xva.leftOut} left out (all zeros)${r.xva.keepAlive ? `, ${r.xva.keepAlive} keep-alive` : ''}`);
   lines.push(`  disk: ${r.disk.payload}, ${r.disk.size} bytes, ${r.partitions.scheme} partition table`);
   for (const p of r.partitions.list) lines.push(`    ${p.index === r.root.index ? '*' : ' '} ${p.index}: type ${p.type} (${p.typeName}), offset ${p.offset}, ${formatBytes(p.size)}`);
   lines.push(`  root: partition ${r.root.index}, ${r.root.fs.type}, ${r.root.fs.blockSize}-byte blocks, label ${JSON.stringify(r.root.fs.label)}, features ${r.root.fs.features.join(' ')}`);

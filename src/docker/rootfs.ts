@@ -5,6 +5,7 @@ import { Transform, Writable, type Readable, type TransformCallback } from 'node
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGzip } from 'node:zlib';
 import { CancelledError, InputError, throwIfAborted } from '../errors.js';
+import type { LibvirtLxcResult } from './libvirt.js';
 
 /**
  * Writing the layer stream to a file, the one thing every file output does: the root file system
@@ -34,6 +35,8 @@ export interface OutputResult {
   /** Digest of the image config (for rootfs, of the config the image would have; nothing is written). */
   configDigest: string;
   manifestDigest?: string;
+  /** libvirt-lxc: the domain and what the tree could not keep. */
+  libvirt?: LibvirtLxcResult;
 }
 
 export interface LayerWrite {
@@ -44,7 +47,7 @@ export interface LayerWrite {
 }
 
 /** Passes bytes through, hashing and counting them. */
-class Digester extends Transform {
+export class Digester extends Transform {
   readonly hash: Hash = createHash('sha256');
   bytes = 0;
   constructor(private readonly onBytes?: (bytes: number) => void) {

@@ -2,7 +2,7 @@ import type { Cleanup } from './cleanup.js';
 
 export type Engine = 'builtin' | 'host';
 
-export const STAGES = ['fetch', 'extract', 'decompress', 'convert', 'map', 'export', 'import', 'verify', 'register'] as const;
+export const STAGES = ['fetch', 'extract', 'decompress', 'convert', 'map', 'export', 'import', 'upload', 'verify', 'register', 'push'] as const;
 export type StageName = (typeof STAGES)[number];
 
 /** Bytes a stage has moved, polled by the renderer for the live line and kept for the result. */
