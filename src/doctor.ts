@@ -1,4 +1,5 @@
 import { connect, daemonName, ping } from './docker/daemon.js';
+import { libvirtLxcCheck } from './docker/libvirt.js';
 import { run } from './host/exec.js';
 import { isoMethod, partitionMethod, probeFacilities, type Facilities } from './host/facilities.js';
 
@@ -58,6 +59,7 @@ export async function doctor(): Promise<DoctorReport> {
     { name: 'docker-archive:FILE', ok: true, detail: 'no daemon needed (docker load)' },
     { name: 'oci:DIR', ok: true, detail: 'no daemon needed (OCI image layout)' },
     { name: 'rootfs:FILE.tar[.gz]', ok: true, detail: 'no daemon needed (plain root file system tarball)' },
+    { name: 'libvirt-lxc:DIR', ...(await libvirtLxcCheck(gnuTar)) },
   ];
   const facilities: Check[] = [
     { name: 'root', ok: f.root, detail: f.root ? 'running as root' : `running as uid ${process.getuid?.()}` },

@@ -2,6 +2,7 @@ import type { Readable } from 'node:stream';
 import { InputError } from '../errors.js';
 import { writeDockerArchive } from './archive.js';
 import { blob, imageConfig, MEDIA_TYPES, parseTag, resolveCreated, type ImageMeta } from './image.js';
+import { writeLibvirtLxc } from './libvirt.js';
 import { writeOciLayout } from './oci.js';
 import { writeRootfs, type OutputResult, type WriteOptions } from './rootfs.js';
 
@@ -14,9 +15,11 @@ export type Output =
   | { kind: 'docker-archive'; path: string }
   /** `gzip` compresses the layer blob; not expressible in the target string, set by the caller. */
   | { kind: 'oci'; path: string; gzip: boolean }
-  | { kind: 'rootfs'; path: string; gzip: boolean };
+  | { kind: 'rootfs'; path: string; gzip: boolean }
+  /** The tree unpacked into DIR/rootfs, with DIR/domain.xml to boot it as a libvirt LXC domain. */
+  | { kind: 'libvirt-lxc'; path: string };
 
-const FORMS = 'docker, docker-archive:FILE, oci:DIR, rootfs:FILE.tar or rootfs:FILE.tar.gz';
+const FORMS = 'docker, docker-archive:FILE, oci:DIR, rootfs:FILE.tar, rootfs:FILE.tar.gz or libvirt-lxc:DIR';
 
 export function parseOutput(target: string): Output {
   const bad = (problem: string): never => {
@@ -27,9 +30,9 @@ export function parseOutput(target: string): Output {
   if (colon === -1) return bad('unknown output');
   const kind = target.slice(0, colon);
   const path = target.slice(colon + 1);
-  if (kind !== 'docker-archive' && kind !== 'oci' && kind !== 'rootfs') return bad(`unknown output kind ${JSON.stringify(kind)}`);
+  if (kind !== 'docker-archive' && kind !== 'oci' && kind !== 'rootfs' && kind !== 'libvirt-lxc') return bad(`unknown output kind ${JSON.stringify(kind)}`);
   if (path === '') return bad(`${kind}: needs a path`);
-  if (kind === 'docker-archive') return { kind, path };
+  if (kind === 'docker-archive' || kind === 'libvirt-lxc') return { kind, path };
   if (kind === 'oci') return { kind, path, gzip: false };
   if (path.endsWith('.tar.gz')) return { kind, path, gzip: true };
   if (path.endsWith('.tar')) return { kind, path, gzip: false };
@@ -63,6 +66,8 @@ export async function writeOutput(output: Output, layer: Readable, meta: ImageMe
         const config = blob(MEDIA_TYPES.config, imageConfig({ ...meta, os: meta.os ?? 'linux', diffId }));
         return { path, diffId, layerBytes, layerDigest: digest, storedBytes, configDigest: config.descriptor.digest };
       }
+      case 'libvirt-lxc':
+        return await writeLibvirtLxc(layer, output.path, meta, opts);
     }
   } catch (e) {
     // Producers upstream of the layer must learn that nobody reads it any more.
