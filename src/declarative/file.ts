@@ -45,6 +45,8 @@ export const PipelineFileSchema = z
     smoke: z.string().min(1).optional(),
     engine: z.enum(['builtin', 'host']).default('builtin'),
     output: z.string().min(1).superRefine(checked(parseOutput)).default('docker'),
+    // REGISTRY/REPO:TAG parses as a tag does (the push stage's parser builds on parseTag).
+    push: z.string().min(1).superRefine(checked(parseTag)).optional(),
     partition: z
       .union([z.literal('auto'), z.number().int(PARTITION).min(1, PARTITION)], { errorMap: () => ({ message: PARTITION }) })
       .default('auto'),
@@ -144,7 +146,7 @@ export async function loadPipelines(files: string[]): Promise<PipelineSpec[]> {
   const specs = results.map((r) => (r as PromiseFulfilledResult<PipelineSpec>).value);
   const seen = new Map<string, string>();
   for (const s of specs) {
-    for (const key of [`name ${s.name}`, ...(s.tag ? [`tag ${s.tag}`] : []), ...(s.output !== 'docker' ? [`output ${s.output}`] : [])]) {
+    for (const key of [`name ${s.name}`, ...(s.tag ? [`tag ${s.tag}`] : []), ...(s.output !== 'docker' ? [`output ${s.output}`] : []), ...(s.push ? [`push ${s.push}`] : [])]) {
       const other = seen.get(key);
       if (other) throw new InputError(s.file, `${key} is also used by ${other}; running both would overwrite one with the other`);
       seen.set(key, s.file);

@@ -56,6 +56,7 @@ async function runOne(spec: PipelineSpec, opts: RunOptions, signal: AbortSignal)
       labels: spec.labels,
       ...(spec.tag ? { tag: spec.tag } : {}),
       ...(spec.smoke ? { smoke: spec.smoke } : {}),
+      ...(spec.push ? { push: spec.push } : {}),
       ...(expected ? { sha256: expected.sha256 } : {}),
       ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}),
       ...(opts.workdir ? { workdir: opts.workdir } : {}),
@@ -136,6 +137,7 @@ export function summaryTable(outcomes: PipelineOutcome[]): string {
   const notes: string[] = [];
   for (const o of outcomes) {
     if (o.sha256.status === 'recorded') notes.push(`${o.name}: sha256 recorded on first fetch: ${o.sha256.value} (not verified against a published value; add it to ${o.file} as sha256)`);
+    if (o.result?.pushed) notes.push(`${o.name}: pushed ${o.result.pushed.ref}@${o.result.pushed.digest}`);
     if (o.status === 'failed') notes.push(`${o.name}: failed: ${o.error}`);
   }
   const ok = outcomes.filter((o) => o.status === 'ok').length;

@@ -60,6 +60,8 @@ describe('pipeline files', () => {
     expect(problem('source: a.iso\ntag: Bad:Tag\n')).toMatch(/line 2: tag: .*not a valid repository name/);
     expect(problem('source: a.iso\noutput: tape:x\n')).toMatch(/line 2: output: .*unknown output kind "tape"/);
     expect(problem('source: a.iso\nengine: magic\n')).toMatch(/line 2: engine: Invalid enum value/);
+    expect(problem('source: a.iso\npush: localhost:5000/Bad:1\n')).toMatch(/line 2: push: .*not a valid repository name/);
+    expect(parsePipeline('p.yaml', 'source: a.iso\npush: localhost:5000/ddk:6.2\n').push).toBe('localhost:5000/ddk:6.2');
   });
 
   it('a missing source, a non-mapping, an ftp URL and broken YAML are errors with a line', () => {
