@@ -29,10 +29,12 @@ interface JsonMessage {
 
 /**
  * Stream a tar into `POST /images/create?fromSrc=-` (no temp file) and return the new image's id.
- * The image is imported untagged: it is tagged only after it has been verified.
+ * The image is imported untagged: it is tagged only after it has been verified. `platform`
+ * ("linux/386") sets the image's architecture (Engine API ≥ 1.32); without it the daemon uses its own.
  */
-export async function importLayer(docker: Docker, tar: Readable, opts: { changes: string[]; message: string; signal: AbortSignal }): Promise<string> {
-  const res = (await docker.importImage(tar as never, { changes: opts.changes, message: opts.message, abortSignal: opts.signal } as never)) as unknown as Readable;
+export async function importLayer(docker: Docker, tar: Readable, opts: { changes: string[]; message: string; platform?: string; signal: AbortSignal }): Promise<string> {
+  const query = { changes: opts.changes, message: opts.message, ...(opts.platform ? { platform: opts.platform } : {}), abortSignal: opts.signal };
+  const res = (await docker.importImage(tar as never, query as never)) as unknown as Readable;
   let text = '';
   for await (const chunk of res) text += chunk.toString();
   let id: string | undefined;
@@ -48,6 +50,15 @@ export async function importLayer(docker: Docker, tar: Readable, opts: { changes
     if (msg.status && /^sha256:[0-9a-f]{64}$/.test(msg.status.trim())) id = msg.status.trim();
   }
   if (!id) throw new Error(`docker import returned no image id: ${text.trim().slice(0, 200)}`);
+  if (opts.platform) {
+    // A daemon older than API 1.32 ignores the parameter: say so rather than mislabel the image.
+    const info = await docker.getImage(id).inspect();
+    const got = `${info.Os}/${info.Architecture}`;
+    if (got !== opts.platform) {
+      await removeImage(docker, id);
+      throw new Error(`the Docker daemon at ${daemonName()} imported the image as ${got}, not ${opts.platform} (it needs Engine API 1.32 or later)`);
+    }
+  }
   return id;
 }
 

@@ -505,3 +505,88 @@ export function packTree<E extends TreeEntry>(
 
   return { stream: Readable.from(produce(), { objectMode: false, highWaterMark: 1 << 20 }), done };
 }
+
+/** One regular file to add to an archive, its whole data in memory (a small generated file). */
+export interface AddedFile {
+  entry: TreeEntry & { type: 'file' };
+  data: Buffer;
+}
+
+/**
+ * Copy a tar stream up to its end-of-archive marker, add `files` after its last entry (headers
+ * written as packTree writes them), then end it the way packTree does: two zero blocks and zeros
+ * to a whole 10 KiB record. The copy is byte for byte, so equal archives in give equal archives
+ * out whichever tool wrote them. Headers are walked to find the marker; data passes through unread.
+ */
+export function appendToTar(archive: Readable, files: readonly AddedFile[], opts: PackOptions = {}): Readable {
+  const input = opts.input ?? 'tar stream';
+  async function* produce(): AsyncGenerator<Buffer> {
+    let header: Buffer = Buffer.alloc(0);
+    // Bytes of entry data (and padding) to pass through before the next header.
+    let skip = 0;
+    let pax: Buffer[] | undefined;
+    let paxLeft = 0;
+    let paxSize: number | undefined;
+    let total = 0;
+    let ended = false;
+    for await (const chunk of archive as AsyncIterable<Buffer>) {
+      throwIfAborted(opts.signal);
+      let pos = 0;
+      // After the marker only padding follows: read it so that the producer finishes cleanly.
+      while (!ended && pos < chunk.length) {
+        if (skip > 0) {
+          const piece = chunk.subarray(pos, pos + Math.min(skip, chunk.length - pos));
+          if (pax && paxLeft > 0) {
+            pax.push(piece.subarray(0, paxLeft));
+            paxLeft -= Math.min(paxLeft, piece.length);
+            if (paxLeft === 0) {
+              const size = decodePaxRecords(Buffer.concat(pax), input).get('size');
+              paxSize = size ? Number(size.toString('latin1')) : undefined;
+              pax = undefined;
+            }
+          }
+          skip -= piece.length;
+          pos += piece.length;
+          total += piece.length;
+          yield piece;
+          continue;
+        }
+        const take = chunk.subarray(pos, pos + BLOCK - header.length);
+        header = header.length ? Buffer.concat([header, take]) : take;
+        pos += take.length;
+        if (header.length < BLOCK) break;
+        const block = header;
+        header = Buffer.alloc(0);
+        if (block.every((b) => b === 0)) {
+          ended = true;
+          break;
+        }
+        if (!checksumOk(block)) throw new InputError(input, `tar header checksum mismatch at byte ${total}`);
+        const flag = String.fromCharCode(block[156]!);
+        let size = numeric(block, 124, 12, 'size', input);
+        if (flag === 'x') {
+          pax = [];
+          paxLeft = size;
+        } else if (flag !== 'g' && flag !== 'L' && flag !== 'K') {
+          if (paxSize !== undefined) size = paxSize;
+          paxSize = undefined;
+          if (!(flag === '0' || flag === '\0' || flag === '7')) size = 0;
+        }
+        skip = size + padding(size);
+        total += BLOCK;
+        yield block;
+      }
+    }
+    if (!ended) throw new InputError(input, 'tar stream ends without an end-of-archive marker');
+    for (const { entry, data } of files) {
+      checkTreePath(entry.path, input);
+      if (data.length !== entry.size) throw new Error(`added file ${entry.path.toString('utf8')}: ${data.length} bytes of data, size ${entry.size}`);
+      const h = entryHeaders(entry, FLAGS.file, undefined, data.length);
+      const pad = Buffer.alloc(padding(data.length));
+      total += h.length + data.length + pad.length;
+      yield Buffer.concat([h, data, pad]);
+    }
+    yield Buffer.alloc(2 * BLOCK + ((RECORD - ((total + 2 * BLOCK) % RECORD)) % RECORD));
+  }
+  return Readable.from(produce(), { objectMode: false, highWaterMark: 1 << 20 });
+}

@@ -2,6 +2,7 @@ import { pipeline } from 'node:stream/promises';
 import type Docker from 'dockerode';
 import { connect, importLayer, ping, removeImage } from '../docker/daemon.js';
 import { applyChanges, type Architecture } from '../docker/image.js';
+import type { LibvirtLxcResult } from '../docker/libvirt.js';
 import { writeOutput, type Output } from '../docker/outputs.js';
 import type { Layer } from './export.js';
 import { LayerMeter } from './meter.js';
@@ -17,6 +18,8 @@ export interface Imported {
   diffId: string;
   files: number;
   bytes: number;
+  /** For --output libvirt-lxc. */
+  libvirt?: LibvirtLxcResult;
 }
 
 export interface ImageSpec {
@@ -29,7 +32,8 @@ export interface ImageSpec {
 
 /** LABEL instruction in Dockerfile syntax, with both key and value quoted. */
 export function labelChange(labels: Record<string, string>): string[] {
-  const q = (s: string) => JSON.stringify(s);
+  // "\$": values from the image (the release line) must not be taken for variables.
+  const q = (s: string) => JSON.stringify(s).replace(/\$/g, '\\$');
   const pairs = Object.entries(labels).map(([k, v]) => `${q(k)}=${q(v)}`);
   return pairs.length ? [`LABEL ${pairs.join(' ')}`] : [];
 }
@@ -43,7 +47,7 @@ export async function importStage(ctx: StageContext, layer: Layer, output: Outpu
     await ping(docker);
     const metered = layer.stream.pipe(meter);
     layer.stream.once('error', (err) => metered.destroy(err));
-    const [imageId] = await Promise.all([importLayer(docker, metered, { changes, message: spec.message, signal: ctx.signal }), layer.done]);
+    const [imageId] = await Promise.all([importLayer(docker, metered, { changes, message: spec.message, platform: `linux/${spec.architecture}`, signal: ctx.signal }), layer.done]);
     ctx.cleanup.onFailure(`remove image ${imageId}`, () => removeImage(docker, imageId));
     return { imageId, docker, diffId: meter.diffId, files: meter.files, bytes: meter.bytes };
   }
@@ -56,5 +60,5 @@ export async function importStage(ctx: StageContext, layer: Layer, output: Outpu
     }),
     layer.done,
   ]);
-  return { path: result.path, diffId: result.diffId, files: meter.files, bytes: meter.bytes };
+  return { path: result.path, diffId: result.diffId, files: meter.files, bytes: meter.bytes, ...(result.libvirt ? { libvirt: result.libvirt } : {}) };
 }

@@ -230,6 +230,13 @@ export class ExtFileSystem {
     yield* this.data(inode, inode.size, opts.signal);
   }
 
+  /** A directory's names as readdir(3) lists them, "." and ".." left out, sorted by raw bytes. */
+  async readdir(entry: { ino: number }): Promise<Buffer[]> {
+    const inode = await this.readInode(entry.ino);
+    if (inode.type !== 'directory') throw new InputError(this.input, `inode ${entry.ino} is a ${inode.type}, not a directory`);
+    return (await this.readDir(inode)).map((d) => d.name);
+  }
+
   private async entry(path: Buffer, inode: Inode): Promise<ExtEntry> {
     const dev = inode.type === 'character-device' || inode.type === 'block-device' ? decodeDevice(inode.i_block) : { major: 0, minor: 0 };
     const e: ExtEntry = {
