@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { InputError } from '../errors.js';
 import { detectVhd, openVhd, vhdInfo } from '../formats/vhd.js';
 import { CHUNK_SIZE } from '../formats/xva.js';
+import type { GrowingFile } from '../formats/growing.js';
 import { FileSource, type Source } from '../formats/source.js';
 import { tool, toolError } from '../host/exec.js';
 import type { StageContext } from './stage.js';
@@ -19,14 +20,21 @@ export interface RawDisk {
 }
 
 /**
- * @param disk the reassembled stream (a file)
+ * @param disk the reassembled stream: a file, a Source read in place, or a file still being
+ *   decompressed (`growing`, read through views that wait for the bytes they need)
  * @param declaredSize the VDI size ova.xml declares, when the disk came from an XVA; a raw disk is
  *   extended to it (trailing all-zero chunks are left out), a VHD's virtual size must equal it.
  */
-export async function convert(ctx: StageContext, disk: { path: string; name: string; owned: boolean }, declaredSize?: number): Promise<RawDisk> {
-  const src = await FileSource.open(disk.path, disk.name);
+export async function convert(
+  ctx: StageContext,
+  disk: { path: string; name: string; owned: boolean; source?: Source; growing?: { file: GrowingFile; size: number } },
+  declaredSize?: number,
+): Promise<RawDisk> {
+  const src = disk.growing?.file.view(disk.name, disk.growing.size) ?? disk.source ?? (await FileSource.open(disk.path, disk.name));
   const closeSrc = ctx.cleanup.defer(`close ${disk.name}`, () => src.close());
   const isVhd = await detectVhd(src);
+  // A disk read in place (an XVA's, builtin engine) has its declared size already.
+  if (!isVhd && disk.source) return { source: disk.source, size: disk.source.size, payload: 'raw' };
   if (!isVhd) {
     if (declaredSize !== undefined && src.size > declaredSize) throw new InputError(disk.name, `the chunks hold ${src.size} bytes, more than the ${declaredSize} bytes ova.xml declares`);
     // A chunk is short only where the disk ends: a last chunk that stops earlier lost its tail.
@@ -39,7 +47,8 @@ export async function convert(ctx: StageContext, disk: { path: string; name: str
     await closeSrc();
     // Trailing all-zero chunks were left out: give the disk its declared length.
     if (src.size < size) await truncate(disk.path, size);
-    return { path: disk.path, size, payload: 'raw', ...(ctx.engine === 'builtin' ? { source: await openOwned(ctx, disk) } : {}) };
+    const source = disk.growing ? disk.growing.file.view(disk.name, size) : ctx.engine === 'builtin' ? await openOwned(ctx, disk) : undefined;
+    return { path: disk.path, size, payload: 'raw', ...(source ? { source } : {}) };
   }
   const info = await vhdInfo(src);
   // Tools round a VHD's size up to a CHS geometry, so a larger virtual size is normal; a smaller one loses data.

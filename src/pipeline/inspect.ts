@@ -4,11 +4,14 @@ import { DiskState, diskSteps } from './disk.js';
 import type { PartitionChoice } from './map.js';
 import type { RendererKind, StageTiming } from './runner.js';
 import { runScoped } from './scope.js';
+import { xvaSummary, type XvaSummary } from './xva.js';
 
 /** What a SOURCE holds, read with the builtin engine: ova.xml, chunks, disk, partitions, file system, release. */
 export interface InspectResult {
   source: { name: string; sha256: string; size: number; kind: string };
   ova?: { vmName: string; label: string; vdiSize: number; chunks: number[]; leftOut: number[] };
+  /** An XVA version 2 source: its ova.xml's VM and root disk, its blocks. */
+  xva?: XvaSummary;
   disk: { payload: 'raw' | 'vhd'; size: number };
   partitions: { scheme: string; list: Partition[] };
   root: { index: number; offset: number; size: number; fs: ExtInfo };
@@ -64,6 +67,7 @@ export async function inspectSource(opts: InspectOptions): Promise<InspectResult
         result = {
           source: { name: d.fetched.name, sha256: d.fetched.sha256, size: d.fetched.size, kind: d.kind },
           ...(d.extracted ? { ova: { vmName: d.extracted.ova.vmName, label: d.extracted.ova.label, vdiSize: d.extracted.ova.rootVdi.size, chunks: present, leftOut } } : {}),
+          ...(d.xva ? { xva: xvaSummary(d.xva) } : {}),
           disk: { payload: d.raw.payload, size: d.raw.size },
           partitions: { scheme: table.scheme, list: table.partitions },
           root: { index: d.root.index, offset: d.root.offset, size: d.root.size, fs: fs.info },

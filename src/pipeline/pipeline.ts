@@ -3,7 +3,7 @@ import { recordConversion, warnCatalogue } from '../catalogue.js';
 import { InputError } from '../errors.js';
 import { parseTag, type Architecture } from '../docker/image.js';
 import type { LibvirtLxcResult } from '../docker/libvirt.js';
-import { formatOutput, parseOutput } from '../docker/outputs.js';
+import { formatOutput, parseOutput, preflightOutput } from '../docker/outputs.js';
 import { assertHostEngineUsable } from '../host/facilities.js';
 import { VERSION } from '../version.js';
 import { checkXapiSettings } from '../xapi/index.js';
@@ -97,6 +97,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
   for (const k of Object.keys(opts.labels)) if (!k) throw new InputError('--label', 'a label needs a key (K=V)');
   if (opts.register) checkXapiSettings({ xapi: opts.register.xapi });
   if (opts.engine === 'host') await assertHostEngineUsable();
+  await preflightOutput(output);
   const push = opts.push ? await Push.connect({ ref: opts.push, ...(opts.pushInsecure ? { insecure: true } : {}) }, opts.signal) : undefined;
 
   const d = new DiskState();
