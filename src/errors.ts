@@ -20,6 +20,17 @@ export function printable(text: string): string {
   return text.replace(/[\x00-\x08\x0a-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
+/**
+ * A write that failed for want of space names the file: Node's write errors carry no path, and
+ * "no space left on device" alone does not say which of scratch space or output is full.
+ */
+export function namingFile(err: unknown, path: string): unknown {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (code === 'ENOSPC') return new Error(`${path}: no space left on device`, { cause: err });
+  if (code === 'EDQUOT') return new Error(`${path}: disk quota exceeded`, { cause: err });
+  return err;
+}
+
 /** The run was interrupted (SIGINT/SIGTERM or an abort signal). */
 export class CancelledError extends Error {
   constructor(reason = 'interrupted') {

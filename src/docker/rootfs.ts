@@ -4,7 +4,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { Transform, Writable, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGzip } from 'node:zlib';
-import { CancelledError, InputError, throwIfAborted } from '../errors.js';
+import { CancelledError, InputError, namingFile, throwIfAborted } from '../errors.js';
 import type { LibvirtLxcResult } from './libvirt.js';
 
 /**
@@ -166,7 +166,7 @@ export async function replaceOnSuccess<T>(
     return result;
   } catch (e) {
     await rm(temp, { recursive: true, force: true });
-    throw cancelled(signal, e);
+    throw cancelled(signal, namingFile(e, abs));
   }
 }
 

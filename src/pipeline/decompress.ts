@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
-import { InputError } from '../errors.js';
+import { InputError, namingFile } from '../errors.js';
 import { CHUNK_SIZE } from '../formats/xva.js';
 import { tool, toolError } from '../host/exec.js';
 import type { Chunk, Extracted } from './extract.js';
@@ -91,7 +91,9 @@ async function hostChunk(ctx: StageContext, disk: string, chunk: Chunk, input: s
   });
   let reported = 0;
   let copied = -1;
+  let ddSaid: string | undefined;
   dd.stderr?.on('data', (b: Buffer) => {
+    ddSaid = b.toString('utf8').split(/[\r\n]/).find((l) => l.startsWith('dd: ')) ?? ddSaid;
     for (const m of b.toString('latin1').matchAll(/(\d+) bytes/g)) {
       const n = Number(m[1]);
       ctx.progress.add(n - reported);
@@ -102,10 +104,11 @@ async function hostChunk(ctx: StageContext, disk: string, chunk: Chunk, input: s
   try {
     await zcat.pipe(dd);
   } catch (err) {
-    const e = toolError(err, `zcat ${chunk.name}`);
+    if (ctx.signal.aborted) throw toolError(err, 'zcat | dd');
     // gzip names the chunk by its path in our scratch mount: the input's name says it better.
-    if (/zcat/.test(e.message) && !ctx.signal.aborted) throw new InputError(input, `corrupt gzip data: ${e.message.replace(/^zcat [^:]*: (gzip: [^:]*: )?/, '')}`);
-    throw e;
+    if ((err as { command?: string }).command?.startsWith('zcat')) throw new InputError(input, `corrupt gzip data: ${toolError(err, 'zcat').message.replace(/^zcat: (gzip: [^:]*: )?/, '')}`);
+    // dd's stderr went to the progress parser: its own complaint (e.g. "No space left on device") was kept there.
+    throw new Error(`${disk}: ${ddSaid ?? toolError(err, 'dd').message}`, { cause: err });
   }
   if (copied < 0) copied = 0;
   return copied;
@@ -125,6 +128,8 @@ export async function decompress(ctx: StageContext, extracted: Extracted, isoNam
     checkChunkSize(size, chunk === last, input);
     if (chunk === last) ctx.progress.total = (chunks.length - 1) * CHUNK_SIZE + size;
     streamSize = Math.max(streamSize, chunk.offset + size);
+  }).catch((err: unknown) => {
+    throw namingFile(err, path);
   });
   // Trailing left-out chunks and zero runs were never written: give the file its full length.
   await fh.truncate(streamSize);

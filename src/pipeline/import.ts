@@ -1,9 +1,11 @@
+import { resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type Docker from 'dockerode';
 import { connect, importLayer, ping, removeImage } from '../docker/daemon.js';
 import { applyChanges, type Architecture } from '../docker/image.js';
 import type { LibvirtLxcResult } from '../docker/libvirt.js';
 import { writeOutput, type Output } from '../docker/outputs.js';
+import { namingFile } from '../errors.js';
 import type { Layer } from './export.js';
 import { LayerMeter } from './meter.js';
 import type { StageContext } from './stage.js';
@@ -56,7 +58,8 @@ export async function importStage(ctx: StageContext, layer: Layer, output: Outpu
     writeOutput(output, meter, { architecture: spec.architecture, config, ...(spec.tag ? { tag: spec.tag } : {}) }, { signal: ctx.signal }),
     pipeline(layer.stream, meter, { signal: ctx.signal, end: true }).catch((err: unknown) => {
       meter.destroy(err as Error);
-      throw err;
+      // A full file system fails the writer and, first, this pump: name the output either way.
+      throw namingFile(err, resolve(output.path));
     }),
     layer.done,
   ]);
