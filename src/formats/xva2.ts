@@ -133,7 +133,9 @@ export function parseXvaOvaXml(xml: string | Buffer, input: string): XvaOva {
   } catch (err) {
     throw new InputError(input, `malformed XML: ${firstLines(err)}`, { cause: err });
   }
-  if (tree?.name !== 'value') throw new InputError(input, `the root element is <${tree?.name ?? ''}>, not <value>: not an XVA version 2 ova.xml`);
+  // sax leaves an unclosed root element out of the tree rather than failing.
+  if (!tree) throw new InputError(input, 'malformed XML: no complete root element');
+  if (tree.name !== 'value') throw new InputError(input, `the root element is <${tree.name}>, not <value>: not an XVA version 2 ova.xml`);
   let top: unknown;
   try {
     top = xmlRpcParser.parse(tree);
