@@ -45,7 +45,7 @@ beforeAll(async () => {
   server = createServer((req, res) => {
     void (async () => {
       if (hold) await hold;
-      if (!['/a.iso', '/b.iso', '/c.iso'].includes(req.url ?? '')) {
+      if (!['/a.iso', '/b.iso', '/c.iso', '/d.iso'].includes(req.url ?? '')) {
         res.writeHead(404).end();
         return;
       }
@@ -117,15 +117,22 @@ describe('ddk2docker run', () => {
     expect(await leftovers(join(dir, 'w'))).toEqual([]);
   });
 
-  it('a second run verifies against the recorded sha256 (--json)', async () => {
-    const r = await runCli(args([b], '--json'), env);
-    expect(r.code, r.stderr).toBe(0);
+  it('a second run verifies against the recorded sha256; a failing pipeline fails the run (exit 1) while the other succeeds (--json)', async () => {
+    const missing = await pipeline('missing', [`source: ${base}/missing.iso`, 'tag: run-e2e:missing']);
+    const r = await runCli(args([missing, b], '--concurrency', '2', '--json'), env);
+    expect(r.code, r.stderr).toBe(1);
     const out = JSON.parse(r.stdout) as { ok: boolean; pipelines: Outcome[] };
-    expect(out.ok).toBe(true);
-    expect(out.pipelines).toHaveLength(1);
-    expect(out.pipelines[0]).toMatchObject({ name: 'bee', status: 'ok', sha256: { status: 'verified', value: sha256 } });
-    expect(out.pipelines[0]!.result?.image?.tag).toBe('run-e2e:b');
-    expect(out.pipelines[0]!.result?.diffId).toMatch(/^sha256:[0-9a-f]{64}$/);
+    expect(out.ok).toBe(false);
+    expect(out.pipelines.map((p) => [p.name, p.status])).toEqual([
+      ['missing', 'failed'],
+      ['bee', 'ok'],
+    ]);
+    expect(out.pipelines[0]).toMatchObject({ sha256: { status: 'unchecked' }, error: `${base}/missing.iso: HTTP 404` });
+    expect(out.pipelines[1]).toMatchObject({ sha256: { status: 'verified', value: sha256 } });
+    expect(out.pipelines[1]!.result?.image?.tag).toBe('run-e2e:b');
+    expect(out.pipelines[1]!.result?.diffId).toMatch(/^sha256:[0-9a-f]{64}$/);
+    expect(r.stderr).toMatch(/^\[1\/2\] missing: failed in \d+\.\d s: .*HTTP 404$/m);
+    expect(r.stderr).toMatch(/^\[2\/2\] bee: ok in /m);
   });
 
   it('a source that now serves other bytes fails, naming the URL and the recorded sha256', async () => {
@@ -146,34 +153,28 @@ describe('ddk2docker run', () => {
     }
   });
 
-  it('a failing pipeline fails the run (exit 1) while the other still succeeds; the summary shows both', async () => {
-    const missing = await pipeline('missing', [`source: ${base}/missing.iso`, 'tag: run-e2e:missing']);
-    const r = await runCli(args([missing, a], '--concurrency', '2'), env);
-    expect(r.code).toBe(1);
-    expect(r.stdout).toMatch(/^missing\s+failed\s+-\s+-\s+unchecked\s+/m);
-    expect(r.stdout).toMatch(/^a\s+ok\s+run-e2e:a\s+[0-9a-f]{12}\s+pinned\s+/m);
-    expect(r.stdout).toContain('1 of 2 pipelines succeeded');
-    expect(r.stdout).toContain(`missing: failed: ${base}/missing.iso: HTTP 404`);
-    expect(r.stderr).toMatch(/^\[1\/2\] missing: failed in \d+\.\d s: .*HTTP 404$/m);
-  });
-
   it('SIGINT stops every running pipeline; each cleans up and the summary says so', async () => {
     const before = await imageIds(dockerd.host);
     const c = await pipeline('c', [`source: ${base}/c.iso`, 'tag: run-e2e:c']);
+    const d = await pipeline('d', [`source: ${base}/d.iso`, 'tag: run-e2e:d']);
     let release!: () => void;
     hold = new Promise<void>((r) => (release = r));
-    const child = startCli(args([a, c], '--concurrency', '2', '--cache-dir', join(dir, 'cache-3')), env);
-    let stderr = '';
-    child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-    // Both downloads are held by the server: both pipelines are running when the signal comes.
-    while (!/\[2\/2\] c: started/.test(stderr)) await new Promise((r) => setTimeout(r, 50));
-    child.kill('SIGINT');
-    const r = await child;
-    release();
-    hold = undefined;
+    let r: Awaited<ReturnType<typeof startCli>>;
+    try {
+      const child = startCli(args([c, d], '--concurrency', '2', '--cache-dir', join(dir, 'cache-3')), env);
+      let stderr = '';
+      child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+      // Both downloads are held by the server: both pipelines are running when the signal comes.
+      while (!/\[2\/2\] d: started/.test(stderr) && child.exitCode === null) await new Promise((res) => setTimeout(res, 50));
+      child.kill('SIGINT');
+      r = await child;
+    } finally {
+      release();
+      hold = undefined;
+    }
     expect(r.exitCode, String(r.stderr)).toBe(130);
-    expect(String(r.stdout)).toMatch(/^a\s+cancelled\s+/m);
     expect(String(r.stdout)).toMatch(/^c\s+cancelled\s+/m);
+    expect(String(r.stdout)).toMatch(/^d\s+cancelled\s+/m);
     expect(String(r.stderr)).toMatch(/SIGINT: stopping and cleaning up/);
     expect(await imageIds(dockerd.host)).toEqual(before);
     expect(await leftovers(join(dir, 'w'))).toEqual([]);
