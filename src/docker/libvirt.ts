@@ -136,8 +136,11 @@ export function domainXml(spec: DomainSpec): string {
 // eslint-disable-next-line no-control-regex
 const NOT_XML = /[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]/;
 
-/** DIR must be new or an empty directory: it will hold a whole root file system. */
-async function checkTarget(target: string, abs: string): Promise<boolean> {
+/**
+ * DIR must be new or an empty directory: it will hold a whole root file system. True when it
+ * exists (empty).
+ */
+export async function checkLibvirtTarget(target: string, abs = resolve(target)): Promise<boolean> {
   if (NOT_XML.test(abs)) throw new InputError(target, 'has control characters, which domain.xml cannot hold');
   const parent = await stat(dirname(abs)).catch(() => undefined);
   if (!parent?.isDirectory()) throw new InputError(target, `directory ${dirname(abs)} does not exist`);
@@ -179,7 +182,7 @@ function warnings(p: Privileges, devicesSkipped: number, xattrsSkipped: number):
 export async function writeLibvirtLxc(layer: Readable, target: string, meta: ImageMeta, opts: WriteOptions): Promise<OutputResult & { libvirt: LibvirtLxcResult }> {
   throwIfAborted(opts.signal);
   const abs = resolve(target);
-  const existed = await checkTarget(target, abs);
+  const existed = await checkLibvirtTarget(target, abs);
   // 0700 from mkdtemp, and it stays so: the tree holds the image's setuid-root programs and
   // device nodes, which other users of this host must not reach through it.
   const temp = await mkdtemp(join(dirname(abs), `${basename(abs)}.partial-`));

@@ -2,7 +2,7 @@ import type { Readable } from 'node:stream';
 import { InputError } from '../errors.js';
 import { writeDockerArchive } from './archive.js';
 import { blob, imageConfig, MEDIA_TYPES, parseTag, resolveCreated, type ImageMeta } from './image.js';
-import { writeLibvirtLxc } from './libvirt.js';
+import { checkLibvirtTarget, writeLibvirtLxc } from './libvirt.js';
 import { writeOciLayout } from './oci.js';
 import { writeRootfs, type OutputResult, type WriteOptions } from './rootfs.js';
 
@@ -37,6 +37,11 @@ export function parseOutput(target: string): Output {
   if (path.endsWith('.tar.gz')) return { kind, path, gzip: true };
   if (path.endsWith('.tar')) return { kind, path, gzip: false };
   return bad('a rootfs file name must end in .tar or .tar.gz');
+}
+
+/** Refuse a target that cannot be written before any work is done; writing checks it again. */
+export async function preflightOutput(output: Output): Promise<void> {
+  if (output.kind === 'libvirt-lxc') await checkLibvirtTarget(output.path);
 }
 
 /** The target string back, for messages and `--json`. */

@@ -245,11 +245,15 @@ function tarArgs(root: string, p: Privileges): string[] {
   ];
 }
 
-/** GNU tar's first complaint, not its closing "Exiting with failure status" line. */
+/**
+ * GNU tar's first complaint that names a system error ("NAME: Cannot write: No space left on
+ * device"), else its first line: later lines are mostly consequences of the first.
+ */
 function tarError(err: unknown, root: string): Error {
   if (!(err instanceof ExecaError) || err.isCanceled || err.code === 'ENOENT') return toolError(err, `tar -x into ${root}`);
   const said = String(err.stderr ?? '').split('\n').filter((l) => l && !/Exiting with failure status/.test(l));
-  return new Error(`tar -x into ${root}: ${said[0] ?? err.shortMessage}`, { cause: err });
+  const line = said.find((l) => /: Cannot [^:]+: /.test(l)) ?? said[0] ?? err.shortMessage;
+  return new Error(`tar -x into ${root}: ${line}`, { cause: err });
 }
 
 /** Errors that are only echoes of another failure (a closed pipe, an abort), not its cause. */
