@@ -1,4 +1,7 @@
+import { mkdtempSync, rmSync } from 'node:fs';
 import { readdir, readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa, type ResultPromise } from 'execa';
 
@@ -11,8 +14,15 @@ export interface CliResult {
   stderr: string;
 }
 
+/**
+ * Conversions record themselves in the catalogue under the data directory: runs from tests that
+ * name none get a private one (per test file, removed at exit), never the user's.
+ */
+const DATA_DIR = mkdtempSync(join(tmpdir(), 'ddk2docker-data-'));
+process.on('exit', () => rmSync(DATA_DIR, { recursive: true, force: true }));
+
 export function startCli(args: string[], env: Record<string, string> = {}): ResultPromise<{ reject: false; env: Record<string, string> }> {
-  return execa(process.execPath, [CLI, ...args], { reject: false, env });
+  return execa(process.execPath, [CLI, ...args], { reject: false, env: { DDK2DOCKER_DATA_DIR: process.env.DDK2DOCKER_DATA_DIR ?? DATA_DIR, ...env } });
 }
 
 export async function runCli(args: string[], env: Record<string, string> = {}): Promise<CliResult> {
