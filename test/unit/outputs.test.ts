@@ -71,14 +71,15 @@ describe('parseOutput', () => {
     expect(parseOutput('oci:/srv/layout')).toEqual({ kind: 'oci', path: '/srv/layout', gzip: false });
     expect(parseOutput('rootfs:ddk.tar')).toEqual({ kind: 'rootfs', path: 'ddk.tar', gzip: false });
     expect(parseOutput('rootfs:/var/lib/vz/template/cache/ddk.tar.gz')).toEqual({ kind: 'rootfs', path: '/var/lib/vz/template/cache/ddk.tar.gz', gzip: true });
+    expect(parseOutput('libvirt-lxc:/var/lib/ddk/xs65')).toEqual({ kind: 'libvirt-lxc', path: '/var/lib/ddk/xs65' });
     // Everything after the first colon is the path.
     expect(parseOutput('oci:a:b')).toEqual({ kind: 'oci', path: 'a:b', gzip: false });
   });
 
-  it.each(['', 'dockr', 'docker:', 'docker-archive:', 'oci:', 'rootfs:ddk.tgz', 'rootfs:ddk', 'tar:x.tar', 'docker-daemon:x'])('rejects %j naming it and the valid forms', (target) => {
+  it.each(['', 'dockr', 'docker:', 'docker-archive:', 'oci:', 'rootfs:ddk.tgz', 'rootfs:ddk', 'tar:x.tar', 'docker-daemon:x', 'libvirt-lxc:', 'lxc:x'])('rejects %j naming it and the valid forms', (target) => {
     expect(() => parseOutput(target)).toThrow(InputError);
     expect(() => parseOutput(target)).toThrow(`--output ${JSON.stringify(target)}`);
-    expect(() => parseOutput(target)).toThrow('docker-archive:FILE, oci:DIR, rootfs:FILE.tar or rootfs:FILE.tar.gz');
+    expect(() => parseOutput(target)).toThrow('docker-archive:FILE, oci:DIR, rootfs:FILE.tar, rootfs:FILE.tar.gz or libvirt-lxc:DIR');
   });
 });
 
