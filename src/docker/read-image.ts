@@ -65,7 +65,7 @@ function parseJson<T>(data: Buffer, input: string, what: string): T {
 
 function fromConfig(config: ConfigJson, input: string): { diffIds: string[]; labels: Record<string, string> } {
   const ids = config.rootfs?.diff_ids;
-  if (!Array.isArray(ids) || !ids.every((d): d is string => typeof d === 'string' && /^sha256:[0-9a-f]{64}$/.test(d))) {
+  if (!Array.isArray(ids) || ids.length === 0 || !ids.every((d): d is string => typeof d === 'string' && /^sha256:[0-9a-f]{64}$/.test(d))) {
     throw new InputError(input, 'the image config has no valid rootfs.diff_ids');
   }
   const raw = config.config?.Labels;

@@ -93,7 +93,7 @@ export async function verifyImage(opts: VerifyImageOptions): Promise<VerifyImage
       },
     ],
   ]);
-  return compare(d, ref.kind === 'docker' ? ref.ref : formatImageRef(ref), handle.id, disk!, image!, stages);
+  return compare(d, formatImageRef(ref), handle.id, disk!, image!, stages);
 }
 
 function compare(d: DiskState, ref: string, id: string | undefined, disk: { manifest: Manifest; diffId: string }, image: ImageRead, stages: StageTiming[]): VerifyImageResult {
