@@ -1,7 +1,8 @@
-import { PassThrough, type Readable } from 'node:stream';
+import { PassThrough, Readable } from 'node:stream';
 import Docker from 'dockerode';
 import { EnvironmentError } from '../errors.js';
-import { parseTag } from './image.js';
+import { tarHeader } from './archive.js';
+import { canonicalJson, imageConfig, parseTag, sha256Digest, type Architecture, type ContainerConfig } from './image.js';
 
 /** The Docker daemon at DOCKER_HOST (or the default socket), through dockerode. */
 export function connect(): Docker {
@@ -30,7 +31,8 @@ interface JsonMessage {
 /**
  * Stream a tar into `POST /images/create?fromSrc=-` (no temp file) and return the new image's id.
  * The image is imported untagged: it is tagged only after it has been verified. `platform`
- * ("linux/386") sets the image's architecture (Engine API ≥ 1.32); without it the daemon uses its own.
+ * ("linux/386") sets the image's architecture from Docker 23 (API 1.42) on; older daemons ignore
+ * it and use their own (see withArchitecture).
  */
 export async function importLayer(docker: Docker, tar: Readable, opts: { changes: string[]; message: string; platform?: string; signal: AbortSignal }): Promise<string> {
   const query = { changes: opts.changes, message: opts.message, ...(opts.platform ? { platform: opts.platform } : {}), abortSignal: opts.signal };
@@ -50,16 +52,55 @@ export async function importLayer(docker: Docker, tar: Readable, opts: { changes
     if (msg.status && /^sha256:[0-9a-f]{64}$/.test(msg.status.trim())) id = msg.status.trim();
   }
   if (!id) throw new Error(`docker import returned no image id: ${text.trim().slice(0, 200)}`);
-  if (opts.platform) {
-    // A daemon older than API 1.32 ignores the parameter: say so rather than mislabel the image.
-    const info = await docker.getImage(id).inspect();
-    const got = `${info.Os}/${info.Architecture}`;
-    if (got !== opts.platform) {
-      await removeImage(docker, id);
-      throw new Error(`the Docker daemon at ${daemonName()} imported the image as ${got}, not ${opts.platform} (it needs Engine API 1.32 or later)`);
+  return id;
+}
+
+function daemonError(text: string, what: string): Error | undefined {
+  for (const line of text.split(/\r?\n/)) {
+    if (!line.trim()) continue;
+    try {
+      const msg = JSON.parse(line) as JsonMessage;
+      if (msg.error || msg.errorDetail) return new Error(`${what} failed: ${msg.errorDetail?.message ?? msg.error}`);
+    } catch {
+      // not a JSON message: progress text
     }
   }
-  return id;
+  return undefined;
+}
+
+/**
+ * The imported image `id` with the given architecture. Docker before 23 imports every layer as
+ * its own architecture, whatever the platform asked; then the image is made again by `docker load`
+ * of an archive holding only manifest.json and the config: the daemon already has the layer (by its
+ * diffID), so it reads no layer and writes none. The imported image is removed; the new one's id
+ * is its config's digest, as with --output docker-archive.
+ */
+export async function withArchitecture(
+  docker: Docker,
+  id: string,
+  want: { architecture: Architecture; config: ContainerConfig; diffId: string; signal: AbortSignal },
+): Promise<string> {
+  const info = await docker.getImage(id).inspect();
+  if (info.Architecture === want.architecture) return id;
+  const config = canonicalJson(imageConfig({ architecture: want.architecture, os: 'linux', diffId: want.diffId, config: want.config }));
+  const digest = sha256Digest(config);
+  const configName = `${digest.slice(7)}.json`;
+  // The layer's path is named but never read: the daemon has a layer with that diffID.
+  const manifest = Buffer.from(JSON.stringify([{ Config: configName, RepoTags: null, Layers: [`${want.diffId.slice(7)}/layer.tar`] }]));
+  const pad = (n: number) => Buffer.alloc((512 - (n % 512)) % 512);
+  const archive = Buffer.concat([
+    tarHeader('manifest.json', 'file', manifest.length, 0), manifest, pad(manifest.length),
+    tarHeader(configName, 'file', config.length, 0), config, pad(config.length),
+    Buffer.alloc(1024),
+  ]);
+  const res = (await docker.loadImage(Readable.from([archive]) as never, { quiet: true, abortSignal: want.signal } as never)) as unknown as Readable;
+  let text = '';
+  for await (const chunk of res) text += chunk.toString();
+  const failed = daemonError(text, 'docker load of the image config');
+  if (failed) throw failed;
+  if (!text.includes(`Loaded image ID: ${digest}`)) throw new Error(`docker load of the image config did not load ${digest}: ${text.trim().slice(0, 200)}`);
+  await removeImage(docker, id);
+  return digest;
 }
 
 export async function tagImage(docker: Docker, id: string, ref: string): Promise<void> {

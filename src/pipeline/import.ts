@@ -1,7 +1,8 @@
+import { rm } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type Docker from 'dockerode';
-import { connect, importLayer, ping, removeImage } from '../docker/daemon.js';
+import { connect, importLayer, ping, removeImage, withArchitecture } from '../docker/daemon.js';
 import { applyChanges, type Architecture } from '../docker/image.js';
 import type { LibvirtLxcResult } from '../docker/libvirt.js';
 import { writeOutput, type Output } from '../docker/outputs.js';
@@ -49,8 +50,10 @@ export async function importStage(ctx: StageContext, layer: Layer, output: Outpu
     await ping(docker);
     const metered = layer.stream.pipe(meter);
     layer.stream.once('error', (err) => metered.destroy(err));
-    const [imageId] = await Promise.all([importLayer(docker, metered, { changes, message: spec.message, platform: `linux/${spec.architecture}`, signal: ctx.signal }), layer.done]);
-    ctx.cleanup.onFailure(`remove image ${imageId}`, () => removeImage(docker, imageId));
+    const [importedId] = await Promise.all([importLayer(docker, metered, { changes, message: spec.message, platform: `linux/${spec.architecture}`, signal: ctx.signal }), layer.done]);
+    ctx.cleanup.onFailure(`remove image ${importedId}`, () => removeImage(docker, importedId));
+    const imageId = await withArchitecture(docker, importedId, { architecture: spec.architecture, config: applyChanges({}, changes), diffId: meter.diffId, signal: ctx.signal });
+    if (imageId !== importedId) ctx.cleanup.onFailure(`remove image ${imageId}`, () => removeImage(docker, imageId));
     return { imageId, docker, diffId: meter.diffId, files: meter.files, bytes: meter.bytes };
   }
   const config = applyChanges({}, changes);
@@ -63,5 +66,7 @@ export async function importStage(ctx: StageContext, layer: Layer, output: Outpu
     }),
     layer.done,
   ]);
+  // Complete, but the run may still fail after this stage: then it must not be left looking like a result.
+  ctx.cleanup.onFailure(`remove ${result.path}`, () => rm(result.path, { recursive: true, force: true }));
   return { path: result.path, diffId: result.diffId, files: meter.files, bytes: meter.bytes, ...(result.libvirt ? { libvirt: result.libvirt } : {}) };
 }
