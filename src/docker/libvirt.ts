@@ -240,7 +240,8 @@ export async function libvirtLxcCheck(gnuTar: boolean): Promise<{ ok: boolean; d
   if (!gnuTar) return { ok: false, detail: 'needs GNU tar (it writes the tree: nanosecond mtimes, xattrs, device nodes)' };
   const p = await privileges();
   const full = p.chown && p.mknod && p.setfcap;
-  const validate = (await which('virt-xml-validate')) ? '' : '; virt-xml-validate not installed (optional, to check domain.xml)';
+  // virt-xml-validate is a shell script around xmllint: both are needed.
+  const validate = (await which('virt-xml-validate')) && (await which('xmllint')) ? '' : '; to check domain.xml, install virt-xml-validate (libvirt-clients) and xmllint (libxml2-utils)';
   return {
     ok: true,
     detail: (full
