@@ -100,17 +100,17 @@ class Guard {
       if (h.type !== 'directory') this.reject(h.path, `is a ${h.type}, but earlier entries lie below it`);
     }
     if (h.path.length === 0 && h.type !== 'directory') this.reject(h.path, `is the root, but a ${h.type}`);
-    const entry: Entry = {
-      path: h.path, type: h.type === 'hardlink' ? 'file' : h.type, mode: h.mode, uid: h.uid, gid: h.gid, size: h.size,
-      // A hard link's xattrs are its target's, set with the target.
-      mtimeNs: h.mtimeNs, xattrs: h.type === 'hardlink' ? new Map() : this.keptXattrs(h.xattrs), data, ino: 0, nlink: 2,
-    };
     const device = h.type === 'character-device' || h.type === 'block-device';
     if (device && !this.privileges.mknod) {
       this.seen.set(key, { kind: 'skipped' });
       this.devicesSkipped++;
       return undefined;
     }
+    const entry: Entry = {
+      path: h.path, type: h.type === 'hardlink' ? 'file' : h.type, mode: h.mode, uid: h.uid, gid: h.gid, size: h.size,
+      // A hard link's xattrs are its target's, set with the target.
+      mtimeNs: h.mtimeNs, xattrs: h.type === 'hardlink' ? new Map() : this.keptXattrs(h.xattrs), data, ino: 0, nlink: 2,
+    };
     switch (h.type) {
       case 'directory':
         this.seen.set(key, { kind: 'directory', explicit: true });
