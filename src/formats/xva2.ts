@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { constants as zlibConstants, gunzipSync } from 'node:zlib';
 import type { XmlNode } from '@vates/xml/format';
+import { XMLValidator } from 'fast-xml-parser';
 import { parseXml } from '@vates/xml/parse';
 import { xmlRpcParser } from '@vates/xml-rpc/parser';
 import xxhash from 'xxhash-wasm';
@@ -127,6 +128,9 @@ function isDirectoryName(id: string): boolean {
 /** Parse and check an XVA version 2 ova.xml; `input` names it in errors. */
 export function parseXvaOvaXml(xml: string | Buffer, input: string): XvaOva {
   const doc = (typeof xml === 'string' ? xml : xml.toString('utf8')).replace(/^\uFEFF/, '');
+  // Checked first by a linear validator: sax (under @vates/xml) takes quadratic time on some malformed input.
+  const valid = XMLValidator.validate(doc);
+  if (valid !== true) throw new InputError(input, `malformed XML at line ${valid.err.line}, column ${valid.err.col}: ${valid.err.msg}`);
   let tree: XmlNode | undefined;
   try {
     tree = parseXml(doc);

@@ -1,5 +1,6 @@
 import { link, mkdir, open, readFile, symlink, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Readable } from 'node:stream';
 import { Worker } from 'node:worker_threads';
 import { crc32 } from 'node:zlib';
@@ -13,6 +14,7 @@ import type { Source } from '../../src/formats/source.js';
 import { packTree, readTar, type TreeEntry } from '../../src/formats/tar.js';
 import { detectVhd, openVhd, vhdInfo } from '../../src/formats/vhd.js';
 import { chunkLayout, parseOvaXml } from '../../src/formats/xva.js';
+import { openXva, parseXvaOvaXml } from '../../src/formats/xva2.js';
 import { aclValue } from './extfixtures.js';
 
 /**
@@ -760,6 +762,17 @@ async function xvaPipeline(src: Source): Promise<void> {
   if (names.length) chunkLayout(names, info.rootVdi.size, src.name);
 }
 
+/** The extract and decompress stages over an XVA version 2 (tar index, ova.xml, layout, every block checked), then the disk pipeline. */
+async function xva2Pipeline(src: Source, ctx: CaseContext): Promise<void> {
+  const { disk } = await openXva(src);
+  for (const b of disk.dataBlocks) await disk.read(b.offset, Math.min(b.length, disk.size - b.offset));
+  await diskPipeline(disk, ctx);
+}
+
+async function xva2OvaPipeline(src: Source): Promise<void> {
+  parseXvaOvaXml(await src.read(0, src.size), src.name);
+}
+
 async function tarPipeline(src: Source, ctx: CaseContext): Promise<void> {
   async function* chunks(): AsyncGenerator<Buffer> {
     for (let pos = 0; pos < src.size; pos += 65536) yield await src.read(pos, Math.min(65536, src.size - pos));
@@ -1358,6 +1371,49 @@ async function tarTarget(): Promise<Target> {
   };
 }
 
+/**
+ * An XVA version 2 of `disk` made by scripts/make-xva (GNU tar, sha1sum): targets for its tar
+ * headers (checksums recomputed), its ova.xml bytes, its checksum files and blocks, and ova.xml as text.
+ */
+async function xva2Targets(disk: string, dir: string): Promise<Target[]> {
+  const out = join(dir, 'disk.xva');
+  await execa(fileURLToPath(new URL('../../scripts/make-xva', import.meta.url)), ['--disk', disk, '--out', out], C);
+  const base = await readFile(out);
+  const regions: Region[] = [];
+  const octal = (name: string, off: number, width: number): Field => ({ name, off, width: 1, octal: width });
+  let ova: Buffer | undefined;
+  for (let off = 0; off + 512 <= base.length && base[off] !== 0; ) {
+    const name = base.toString('latin1', off, off + 100).replace(/\0.*$/s, '');
+    const size = parseInt(base.toString('latin1', off + 124, off + 135), 8);
+    regions.push({
+      kind: 'header', start: off, length: 512,
+      fields: [octal('size', 124, 12), octal('chksum', 148, 8), octal('mode', 100, 8), { name: 'typeflag', off: 156, width: 1 }, { name: 'name', off: 0, width: 8 },
+        { name: 'name-end', off: name.length - 2, width: 2 }, { name: 'magic', off: 257, width: 4 }, { name: 'prefix', off: 345, width: 1 }],
+    });
+    const kind = name === 'ova.xml' ? 'ova' : name.endsWith('.checksum') ? 'checksum' : 'block';
+    if (kind === 'ova') ova = base.subarray(off + 512, off + 512 + size);
+    if (size) regions.push({ kind, start: off + 512, length: kind === 'block' ? Math.min(size, 4096) : size, fields: [] });
+    off += 512 + Math.ceil(size / 512) * 512;
+  }
+  const fix = (img: Image) => {
+    for (const r of regions.filter((x) => x.kind === 'header' && x.start + 512 <= img.size)) {
+      const h = img.get(r.start, 512);
+      h.fill(0x20, 148, 156);
+      let sum = 0;
+      for (const b of h) sum += b;
+      img.set(r.start + 148, Buffer.from(`${sum.toString(8).padStart(6, '0')}\0 `, 'latin1'));
+    }
+  };
+  const pointers = { byte: uniquePointers([0, 512, 1024, 1 << 20, base.length]) };
+  const target = (name: string, kinds: string[]): Target => ({ name, input: 'disk.xva', base, regions: regions.filter((r) => kinds.includes(r.kind)), all: regions, pointers, fix, run: xva2Pipeline });
+  return [
+    target('xva2/header', ['header']),
+    target('xva2/ova', ['ova']),
+    target('xva2/blocks', ['checksum', 'block']),
+    { name: 'xva2/ova-xml', input: 'ova.xml', base: ova!, regions: [], all: [], pointers: {}, text: true, run: xva2OvaPipeline },
+  ];
+}
+
 /** Raw bytes of a file whose partitions sfdisk lays out, with `images` written at their sectors. */
 async function makeDisk(path: string, sectors: number, script: string, images: [number, Buffer][]): Promise<Buffer> {
   await writeFile(path, '');
@@ -1472,6 +1528,7 @@ export async function buildCorpus(dir: string): Promise<Target[]> {
   await makeIsoTree(isoTree, tree);
   for (const variant of ['iso', 'iso-joliet', 'iso-plain'] as const) targets.push(...(await isoTargets(variant, isoTree, dir)));
   targets.push(await tarTarget());
+  targets.push(...(await xva2Targets(mbrPath, dir)));
   const xva = Buffer.from(`${OVA_XML}\n\0\nchunk-000000000.gz\nchunk-000000002.gz\nTRANS.TBL`, 'latin1');
   targets.push({ name: 'xva/ova-xml', input: 'ova.xml', base: xva, regions: [], all: [], pointers: {}, text: true, run: xvaPipeline });
   return targets;
