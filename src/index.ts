@@ -11,6 +11,7 @@ export { CancelledError, EnvironmentError, InputError } from './errors.js';
 export { FileSource, SliceSource, type Source } from './formats/source.js';
 export { Iso9660 } from './formats/iso9660.js';
 export { parseOvaXml, chunkLayout, CHUNK_SIZE } from './formats/xva.js';
+export { openXva, parseXvaOvaXml, XvaDisk, type OpenedXva } from './formats/xva2.js';
 export { detectVhd, openVhd, vhdInfo } from './formats/vhd.js';
 export { readPartitionTable, partitionSource, chooseRootPartition } from './formats/partitions.js';
 export { ExtFileSystem } from './formats/ext/index.js';
