@@ -5,6 +5,7 @@ import { DiskState, diskSteps } from './disk.js';
 import { exportRoot } from './export.js';
 import type { PartitionChoice } from './map.js';
 import { LABELS } from './pipeline.js';
+import { FIT_LABELS } from './probe.js';
 import type { RendererKind, StageTiming } from './runner.js';
 import { rejectOnAbort, runScoped } from './scope.js';
 import type { Engine } from './stage.js';
@@ -58,9 +59,6 @@ export interface VerifyImageResult {
 
 export const DIFFERENCE_LIMIT = 50;
 
-/** Label under which an image names the one file ddk2docker added to the disk's tree. */
-export const UNAME_SHIM_LABEL = 'ddk2docker.uname-shim';
-
 export async function verifyImage(opts: VerifyImageOptions): Promise<VerifyImageResult> {
   const ref = parseImageRef(opts.image);
   // A missing or malformed image must fail before a disk is decompressed.
@@ -106,7 +104,7 @@ function compare(d: DiskState, ref: string, id: string | undefined, disk: { mani
   check(LABELS.sourceSha256, d.fetched.sha256, 'error');
   check(LABELS.sourceName, d.fetched.name, 'warning');
 
-  const shim = image.labels[UNAME_SHIM_LABEL]?.replace(/^(\.?\/)+/, '');
+  const shim = image.labels[FIT_LABELS.unameShim]?.replace(/^(\.?\/)+/, '');
   // A layer read back byte for byte carries nanoseconds; one a daemon re-tarred carries what Docker keeps.
   const precision = image.layer.diffId === imageDiffId ? 'exact' : 'docker';
   const diffs = diffManifests(disk.manifest, image.layer.manifest, {
