@@ -43,6 +43,7 @@ export const PipelineFileSchema = z
       .default({}),
     changes: z.array(z.string().superRefine(checked((c) => applyChanges({}, [c])))).default([]),
     smoke: z.string().min(1).optional(),
+    unameShim: z.boolean().default(false),
     engine: z.enum(['builtin', 'host']).default('builtin'),
     output: z.string().min(1).superRefine(checked(parseOutput)).default('docker'),
     // REGISTRY/REPO:TAG parses as a tag does (the push stage's parser builds on parseTag).

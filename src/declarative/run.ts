@@ -56,6 +56,7 @@ async function runOne(spec: PipelineSpec, opts: RunOptions, signal: AbortSignal)
       labels: spec.labels,
       ...(spec.tag ? { tag: spec.tag } : {}),
       ...(spec.smoke ? { smoke: spec.smoke } : {}),
+      ...(spec.unameShim ? { unameShim: true } : {}),
       ...(spec.push ? { push: spec.push } : {}),
       ...(expected ? { sha256: expected.sha256 } : {}),
       ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}),
