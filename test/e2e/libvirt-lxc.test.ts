@@ -1,5 +1,5 @@
 import { watch } from 'node:fs';
-import { chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { XMLParser } from 'fast-xml-parser';
@@ -35,6 +35,8 @@ beforeAll(async () => {
   oracle = await manifestOfTarFile(await rootOracleTar(fixture));
   work = await mkdtemp('/tmp/e2e-lxc-work-');
   out = await mkdtemp('/tmp/e2e-lxc-out-');
+  // uid 65534 writes below it too.
+  await chmod(out, 0o755);
 });
 
 afterAll(async () => {
@@ -201,7 +203,7 @@ describe('as uid 65534 without capabilities', () => {
   }
 
   it('a usable tree owned by the user, devices and privileged xattrs counted out, container root mapped to the user', async () => {
-    const home = await mkdtemp('/tmp/e2e-lxc-nobody-');
+    const home = await mkdtemp(join(out, 'nobody-'));
     await chown(home, NOBODY, NOBODY);
     const dir = join(home, 'dom');
     const r = await execa(
