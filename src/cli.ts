@@ -134,7 +134,8 @@ program
   .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
   .option('--change <instruction>', "Dockerfile instruction to apply, e.g. 'CMD [\"/bin/bash\"]' (repeatable)", collect, [] as string[])
   .option('--label <k=v>', 'image label (repeatable)', parseLabel, {} as Record<string, string>)
-  .option('--smoke <cmd>', 'command that must succeed in a container from the image')
+  .option('--smoke <cmd>', 'command that must succeed in a container from the image (default: cat /etc/redhat-release, skipped on the vfs storage driver)')
+  .option('--no-smoke', 'run no smoke command (the layer digest and labels are still checked)')
   .option('--uname-shim', "add /usr/local/bin/uname reporting the DDK's kernel for -r (builds of kernel modules would see the host's)")
   .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
   .option('--keep-workdir', 'keep the scratch space for inspection')
@@ -163,7 +164,7 @@ program
         labels: o.label as Record<string, string>,
         ...(o.tag ? { tag: o.tag as string } : {}),
         ...(o.sha256 ? { sha256: o.sha256 as string } : {}),
-        ...(o.smoke !== undefined ? { smoke: o.smoke as string } : {}),
+        ...(o.smoke !== undefined ? { smoke: o.smoke as string | false } : {}),
         ...(o.unameShim ? { unameShim: true } : {}),
         ...(o.workdir ? { workdir: o.workdir as string } : {}),
         ...(o.cacheDir ? { cacheDir: o.cacheDir as string } : {}),

@@ -25,8 +25,11 @@ export class DiskState {
   disk!: { path: string; name: string; owned: boolean; source?: Source; growing?: { file: GrowingFile; size: number } };
   raw!: RawDisk;
   root!: MappedRoot;
-  /** When the stages run at once (builtin engine), each settles once its stage has set the field above. */
-  readonly ready = { fetched: new Handoff<void>(), extracted: new Handoff<void>(), disk: new Handoff<void>(), raw: new Handoff<void>(), root: new Handoff<void>() };
+  /**
+   * When the stages run at once (builtin engine), each settles once its stage has set the field
+   * above; `fetched` may come before `verified` (the sha256 of a local file, then in `fetched`).
+   */
+  readonly ready = { fetched: new Handoff<void>(), verified: new Handoff<void>(), extracted: new Handoff<void>(), disk: new Handoff<void>(), raw: new Handoff<void>(), root: new Handoff<void>() };
   /** Settles when the disk is whole: decompress has written and checked every chunk. */
   readonly whole = new Handoff<void>();
 
@@ -66,17 +69,31 @@ export function diskSteps(s: DiskState, opts: DiskOptions, then?: { engine: Engi
       name: 'fetch',
       title: `Fetch ${opts.source}`,
       run: async (ctx) => {
-        s.fetched = await fetchSource(ctx, opts.source, { cacheDir: opts.cacheDir, ...(opts.sha256 ? { sha256: opts.sha256 } : {}) });
-        const src = await FileSource.open(s.fetched.path, s.fetched.name);
-        try {
-          s.kind = await detectSource(src);
-          if (s.kind === 'unknown') await refuseCompressedXva(src);
-        } finally {
-          await src.close();
-        }
+        const detect = async (file: { path: string; name: string }) => {
+          const src = await FileSource.open(file.path, file.name);
+          try {
+            s.kind = await detectSource(src);
+            if (s.kind === 'unknown') await refuseCompressedXva(src);
+          } finally {
+            await src.close();
+          }
+        };
+        // Running at once, the next stages start on a local file while it is hashed; only the
+        // labels (import) wait for the sha256. An unknown kind is reported after the hash, so a
+        // sha256 mismatch is what a wrong file is told first.
+        const whileHashing = async (file: Omit<FetchedSource, 'sha256'>) => {
+          await detect(file);
+          if (s.kind === 'unknown') return;
+          s.fetched = { ...file, sha256: '' };
+          if (s.kind !== 'iso' && s.kind !== 'xva') s.disk = { path: file.path, name: file.name, owned: false };
+          s.ready.fetched.set();
+        };
+        s.fetched = await fetchSource(ctx, opts.source, { cacheDir: opts.cacheDir, ...(opts.sha256 ? { sha256: opts.sha256 } : {}), ...(then?.engine === 'builtin' ? { whileHashing } : {}) });
+        if (s.kind === 'unknown') await detect(s.fetched);
         if (s.kind === 'unknown') throw new InputError(s.fetched.name, 'not a DDK ISO, XVA, VHD or disk image (no ISO 9660 volume descriptor, VHD footer, partition table or ext superblock)');
         if (s.kind !== 'iso' && s.kind !== 'xva') s.disk = { path: s.fetched.path, name: s.fetched.name, owned: false };
         s.ready.fetched.set();
+        s.ready.verified.set();
       },
     },
     {

@@ -24,6 +24,12 @@ export interface FetchOptions {
   cacheDir: string;
   /** Attempts per download before giving up (each resumes where the last stopped). */
   retries?: number;
+  /**
+   * A local file is usable before its sha256 is known: this gets it (without the sha256) while the
+   * hash is computed, so that reading it can start at once. Whatever it starts must not present a
+   * result before fetchSource has returned: a mismatch fails the run.
+   */
+  whileHashing?: (file: Omit<FetchedSource, 'sha256'>) => Promise<void>;
 }
 
 export function isUrl(source: string): boolean {
@@ -71,7 +77,12 @@ async function fetchLocal(ctx: StageContext, source: string, opts: FetchOptions)
     throw new InputError(source, code === 'ENOENT' ? 'no such file' : (err as Error).message, { cause: err });
   }
   ctx.progress.total = size;
-  const sha256 = await sha256OfFile(path, ctx);
+  const hashing = sha256OfFile(path, ctx);
+  if (opts.whileHashing) {
+    hashing.catch(() => undefined);
+    await opts.whileHashing({ path, name: basename(path), size });
+  }
+  const sha256 = await hashing;
   checkDigest(source, sha256, opts.sha256 && normalizeSha256(opts.sha256));
   return { path, name: basename(path), sha256, size };
 }

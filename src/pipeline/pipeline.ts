@@ -19,7 +19,7 @@ import type { RendererKind, StageTiming, Step } from './runner.js';
 import { rejectOnAbort, runScoped, type Scope } from './scope.js';
 import type { Engine, StageContext } from './stage.js';
 import { unameShimFile } from './uname-shim.js';
-import { DEFAULT_SMOKE, verify, type Verified } from './verify.js';
+import { verify, type Verified } from './verify.js';
 import { xvaSummary, type XvaSummary } from './xva.js';
 
 export interface ConvertOptions {
@@ -31,7 +31,8 @@ export interface ConvertOptions {
   partition: PartitionChoice;
   changes: string[];
   labels: Record<string, string>;
-  smoke?: string;
+  /** A command that must succeed in a container; false: none (default: see verify). */
+  smoke?: string | false;
   workdir?: string;
   keepWorkdir?: boolean;
   cacheDir?: string;
@@ -113,12 +114,12 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
   let fit: ImageFit | undefined;
 
   const build = (scope: Scope): Step[] => [
-    ...diskSteps(d, { source: opts.source, cacheDir: opts.cacheDir ?? defaultCacheDir(), partition: opts.partition, ...(opts.sha256 ? { sha256: opts.sha256 } : {}) }),
-    [
+    ...diskSteps(d, { source: opts.source, cacheDir: opts.cacheDir ?? defaultCacheDir(), partition: opts.partition, ...(opts.sha256 ? { sha256: opts.sha256 } : {}) }, { engine: opts.engine, stages: [
       {
         name: 'export',
         title: 'Export root file system',
         run: async (ctx) => {
+          await d.ready.root.get(ctx.signal);
           layer = await exportRoot(ctx, d.root, {
             input: d.fetched.name,
             extra: (probe) => {
@@ -127,6 +128,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
               return opts.unameShim ? [unameShimFile(probe, fit.architecture, d.fetched.name)] : [];
             },
           });
+          layer.stream = d.untilWhole(layer.stream, ctx.signal);
           layerReady(push ? push.tap(layer) : layer);
           await Promise.race([layer.done, rejectOnAbort(ctx.signal)]);
         },
@@ -137,6 +139,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
         run: async (ctx) => {
           // The layer comes after the probe: the platform, kernel and release are known by then.
           const exported = await Promise.race([layerPromise, rejectOnAbort(scope.signal)]);
+          await d.ready.verified.get(ctx.signal);
           Object.assign(labels, {
             [LABELS.sourceName]: d.fetched.name,
             [LABELS.sourceSha256]: d.fetched.sha256,
@@ -157,12 +160,12 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
         },
       },
       ...(push ? [{ name: 'upload' as const, title: `Upload layer to ${push.ref}`, run: (ctx: StageContext) => push.upload(ctx) }] : []),
-    ],
+    ] }),
     {
       name: 'verify',
       title: 'Verify',
       run: async (ctx) => {
-        verified = await verify(ctx, imported, { smoke: opts.smoke ?? DEFAULT_SMOKE, labels, ...(opts.tag ? { tag: opts.tag } : {}) });
+        verified = await verify(ctx, imported, { ...(opts.smoke !== undefined ? { smoke: opts.smoke } : {}), labels, ...(opts.tag ? { tag: opts.tag } : {}) });
       },
     },
     ...(opts.register

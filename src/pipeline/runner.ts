@@ -52,9 +52,15 @@ export function progressLine(p: Progress, seconds: number): string {
 function holdForTest(name: StageName, ctx: StageContext): Promise<void> {
   if (process.env.DDK2DOCKER_TEST_HOLD !== name) return Promise.resolve();
   ctx.note('held by DDK2DOCKER_TEST_HOLD until interrupted');
+  // An abort listener does not keep the process alive; a timer does.
+  const alive = setInterval(() => undefined, 60_000);
   return new Promise((_, reject) => {
-    if (ctx.signal.aborted) reject(ctx.signal.reason);
-    ctx.signal.addEventListener('abort', () => reject(ctx.signal.reason), { once: true });
+    const stop = () => {
+      clearInterval(alive);
+      reject(ctx.signal.reason);
+    };
+    if (ctx.signal.aborted) stop();
+    else ctx.signal.addEventListener('abort', stop, { once: true });
   });
 }
 
@@ -141,5 +147,7 @@ export async function runSteps(
     await Promise.allSettled([...running]);
     throw err;
   }
-  return timings;
+  // Stages that run at once finish in any order: report them in the order they were given.
+  const order = steps.flat().map((spec) => spec.name);
+  return timings.sort((a, b) => order.indexOf(a.name) - order.indexOf(b.name));
 }

@@ -67,3 +67,25 @@ export function rejectOnAbort(signal: AbortSignal): Promise<never> {
   p.catch(() => undefined);
   return p;
 }
+
+/** One abort listener per run, however many handoffs wait on it. */
+const ABORTS = new WeakMap<AbortSignal, Promise<never>>();
+
+/**
+ * A value one stage hands to the stages after it when they run at once (decompress → convert →
+ * map → export): `get` waits for it, and rejects as soon as the run is aborted.
+ */
+export class Handoff<T> {
+  private resolve!: (value: T) => void;
+  private readonly value = new Promise<T>((r) => (this.resolve = r));
+
+  set(value: T): void {
+    this.resolve(value);
+  }
+
+  get(signal: AbortSignal): Promise<T> {
+    let aborted = ABORTS.get(signal);
+    if (!aborted) ABORTS.set(signal, (aborted = rejectOnAbort(signal)));
+    return Promise.race([this.value, aborted]);
+  }
+}
