@@ -2,6 +2,7 @@ import http from 'node:http';
 import https from 'node:https';
 import { formatXml } from '@vates/xml/format';
 import { parseXml } from '@vates/xml/parse';
+import { XMLValidator } from 'fast-xml-parser';
 import { xmlRpcFormatter } from '@vates/xml-rpc/formatter';
 import { xmlRpcParser } from '@vates/xml-rpc/parser';
 import { CancelledError } from '../errors.js';
@@ -155,6 +156,9 @@ export async function xmlRpcCall(
   const text = await post(endpoint, body, signal);
   let response: unknown;
   try {
+    // A linear validator first: sax (under @vates/xml) takes quadratic time on some malformed replies.
+    const valid = XMLValidator.validate(text);
+    if (valid !== true) throw new Error(`malformed XML at line ${valid.err.line}, column ${valid.err.col}: ${valid.err.msg}`);
     // Whitespace inside values is data (other_config holds XML documents): keep it as sent.
     response = xmlRpcParser.parse(parseXml(text, { normalize: false, trim: false }));
   } catch (error) {
