@@ -29,7 +29,7 @@ import { imageIds } from '../helpers/images.js';
 const DOCKERD = fileURLToPath(new URL('../../scripts/dockerd', import.meta.url));
 const STAGES = ['fetch', 'extract', 'decompress', 'convert', 'map', 'export', 'import', 'verify'] as const;
 const SIGNALS = ['SIGINT', 'SIGTERM'] as const;
-const EXIT = { SIGINT: 130, SIGTERM: 143 };
+const EXIT: Partial<Record<NodeJS.Signals, number>> = { SIGINT: 130, SIGTERM: 143 };
 const TAG = 'ddk-int:1';
 
 let dockerd: Dockerd;
