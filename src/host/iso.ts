@@ -32,7 +32,9 @@ export async function openHostIso(
     });
   } else {
     ctx.cleanup.defer(`unmount ${dir}`, () => unmount(dir, true));
-    await run('fuseiso', [iso, dir], `fuseiso ${iso}`);
+    // Read-only, nothing on it runs or counts as a device or setuid (FUSE adds nosuid,nodev for
+    // non-root users only); -n: no $HOME/.mtab.fuseiso, which concurrent runs would share.
+    await run('fuseiso', ['-n', iso, dir, '-o', 'ro,noexec,nosuid,nodev'], `fuseiso ${iso}`);
   }
   const at = (p: string) => join(dir, p);
   return {
