@@ -6,7 +6,7 @@ import { connect, importLayer, ping, removeImage, withArchitecture } from '../do
 import { applyChanges, type Architecture } from '../docker/image.js';
 import type { LibvirtLxcResult } from '../docker/libvirt.js';
 import { writeOutput, type Output } from '../docker/outputs.js';
-import { namingFile } from '../errors.js';
+import { InputError, namingFile } from '../errors.js';
 import type { Layer } from './export.js';
 import { LayerMeter } from './meter.js';
 import type { StageContext } from './stage.js';
@@ -35,9 +35,14 @@ export interface ImageSpec {
 
 /** LABEL instruction in Dockerfile syntax, with both key and value quoted. */
 export function labelChange(labels: Record<string, string>): string[] {
-  // "\$": values from the image (the release line) must not be taken for variables.
-  const q = (s: string) => JSON.stringify(s).replace(/\$/g, '\\$');
-  const pairs = Object.entries(labels).map(([k, v]) => `${q(k)}=${q(v)}`);
+  // Inside double quotes Docker undoes only \\, \" and \$ ("$": values from the image, such as the
+  // release line, must not be taken for variables); JSON's \u001b would stay as six characters, so
+  // control characters go in raw. A newline would end the instruction: no spelling carries it.
+  const q = (s: string, k: string) => {
+    if (s.includes('\n')) throw new InputError(`label ${JSON.stringify(k)}`, 'contains a newline, which a Docker LABEL cannot hold');
+    return `"${s.replace(/["\\$]/g, (c) => `\\${c}`)}"`;
+  };
+  const pairs = Object.entries(labels).map(([k, v]) => `${q(k, k)}=${q(v, k)}`);
   return pairs.length ? [`LABEL ${pairs.join(' ')}`] : [];
 }
 
