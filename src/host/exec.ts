@@ -3,10 +3,15 @@ import { delimiter, join } from 'node:path';
 import { execa, ExecaError, type Options, type ResultPromise } from 'execa';
 import { CancelledError, EnvironmentError } from '../errors.js';
 
+/** Credentials read from the environment: the tools have no use for them, so they never see them. */
+const CREDENTIALS = new Set(['XAPI_USER', 'XAPI_PASSWORD', 'REGISTRY_USER', 'REGISTRY_PASSWORD']);
+
 /** Run a tool with an argument array (never a shell string), tied to the run's abort signal. */
 export function tool(file: string, args: readonly string[], options: Options & { signal?: AbortSignal } = {}): ResultPromise {
-  const { signal, ...rest } = options;
-  return execa(file, args, { cancelSignal: signal, forceKillAfterDelay: 3000, stripFinalNewline: true, ...rest });
+  const { signal, env, extendEnv, ...rest } = options;
+  const all = { ...(extendEnv === false ? {} : process.env), ...env };
+  const clean = Object.fromEntries(Object.entries(all).filter(([k]) => !CREDENTIALS.has(k)));
+  return execa(file, args, { cancelSignal: signal, forceKillAfterDelay: 3000, stripFinalNewline: true, ...rest, env: clean, extendEnv: false });
 }
 
 /** Closing lines that say nothing about the problem: the line before them does. */
