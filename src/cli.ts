@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { Argument, Command, InvalidArgumentError, Option } from 'commander';
 import { doctor, type Check } from './doctor.js';
-import { CancelledError } from './errors.js';
+import { CancelledError, printable } from './errors.js';
 import { loadPipelines } from './declarative/file.js';
 import { runPipelines, summaryTable } from './declarative/run.js';
 import { formatBytes } from './pipeline/runner.js';
@@ -109,7 +109,8 @@ function describeInspection(r: InspectResult): string {
   lines.push(`  root: partition ${r.root.index}, ${r.root.fs.type}, ${r.root.fs.blockSize}-byte blocks, label ${JSON.stringify(r.root.fs.label)}, features ${r.root.fs.features.join(' ')}`);
   if (r.release.redhatRelease) lines.push(`  /etc/redhat-release: ${r.release.redhatRelease}`);
   if (r.release.osRelease?.PRETTY_NAME) lines.push(`  /etc/os-release: ${r.release.osRelease.PRETTY_NAME}`);
-  return `${lines.join('\n')}\n`;
+  // Labels and release text come from the image: each line stays one line, with no escape sequences.
+  return `${lines.map(printable).join('\n')}\n`;
 }
 
 function printChecks(title: string, checks: Check[]): void {
