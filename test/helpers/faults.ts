@@ -1,4 +1,4 @@
-import { copyFile, mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readFile, rmdir, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { execa } from 'execa';
@@ -61,6 +61,28 @@ export async function buildMiniDdk(dir: string, populate?: (root: string) => Pro
   const iso = join(dir, 'ddk.iso');
   await isoFrom(isoTree, iso);
   return { tree, disk, isoTree, iso, partOffset: PART_OFFSET, diskSize: DISK_SIZE };
+}
+
+/** Runs `fn` on the mini disk's root file system as the kernel sees it (read-only loop mount, no journal replay). */
+export async function withKernelRoot<T>(mini: MiniDdk, fn: (root: string) => Promise<T>): Promise<T> {
+  const mnt = await mkdtemp('/tmp/kernel-root-');
+  try {
+    await execa('mount', ['-t', 'ext4', '-o', `ro,noload,loop,offset=${mini.partOffset}`, mini.disk, mnt]);
+    try {
+      return await fn(mnt);
+    } finally {
+      await execa('umount', [mnt]);
+    }
+  } finally {
+    await rmdir(mnt);
+  }
+}
+
+/** The kernel's view of the mini root file system as a POSIX tar, tarred as test/helpers/fixtures.ts rootOracleTar does. */
+export async function kernelRootTar(mini: MiniDdk, out: string): Promise<void> {
+  await withKernelRoot(mini, (root) =>
+    execa('tar', ['--numeric-owner', '--xattrs', '--xattrs-include=*', '--format=posix', '--sort=name', '-C', root, '-cf', out, '.']),
+  );
 }
 
 /** Where debugfs says an inode lives: the byte offset of the inode in the disk image. */
