@@ -45,6 +45,10 @@ export class DiskState {
       flush: (cb) => void this.whole.get(signal).then(() => cb(), cb),
     });
     layer.once('error', (err) => gated.destroy(err));
+    // The import stage may not read it yet (waiting for the daemon) when an interrupt fails the
+    // layer: unheard, that error would crash the process before its cleanup. The run learns of it
+    // through the layer's `done`, and a later reader through the destroyed stream.
+    gated.on('error', () => undefined);
     gated.once('close', () => layer.destroy());
     return layer.pipe(gated);
   }
