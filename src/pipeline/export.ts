@@ -55,7 +55,8 @@ async function hostExport(ctx: StageContext, root: MappedRoot, input: string, op
   const unmount = await mount(ctx.cleanup, { device: root.device!, dir, type: fsType, options: readOnlyOptions(fsType), signal: ctx.signal, what: `mount ${root.device!}` }).catch((err: Error) => {
     throw err instanceof CancelledError ? err : new InputError(root.input, `cannot mount its ${fsType}: ${err.message.replace(/^mount \S+: (mount: \S+: )?/, '')}`, { cause: err });
   });
-  const { probe, files } = await prepare(mountTree(dir, input), opts);
+  // Reading the mount fails on a corrupt inode: that names the partition, as tar's failures do.
+  const { probe, files } = await prepare(mountTree(dir, root.input), opts);
   // The root as "./" and everything else without the "./" prefix, as the builtin writer names
   // entries: both engines then give byte-identical layers, hence one diffID. Names go through
   // stdin, NUL-separated and verbatim, so none can be taken for an option.

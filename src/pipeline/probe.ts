@@ -126,7 +126,7 @@ export function mountTree(root: string, input: string): TreeReader {
     return { path: full(chain.map((x) => x.name)), st: chain.length ? chain[chain.length - 1]!.st : rootStat };
   }
 
-  return {
+  const reader: TreeReader = {
     async stat(path, follow) {
       const r = await resolve(path, follow);
       if (!r) return undefined;
@@ -150,6 +150,20 @@ export function mountTree(root: string, input: string): TreeReader {
       if (!r || !r.st.isDirectory()) return [];
       return (await readdir(r.path, { encoding: 'buffer' })).sort(Buffer.compare).map((n) => n.toString('utf8'));
     },
+  };
+
+  /** A system call failing inside the mount (a corrupt inode) names the input and the image's path, not the mount point. */
+  function failure(path: string, err: unknown): unknown {
+    const e = err as NodeJS.ErrnoException;
+    if (typeof e.errno !== 'number' || !e.syscall) return err;
+    // EUCLEAN, as ext4 reports a corrupt structure; Node has no text for it.
+    const why = e.errno === -117 ? 'Structure needs cleaning' : e.message.replace(/^\w+: /, '').replace(/, \w+ '[\s\S]*$/, '');
+    return new InputError(input, `${JSON.stringify(path)}: ${e.syscall}: ${why}`, { cause: err });
+  }
+  return {
+    stat: (path, follow) => reader.stat(path, follow).catch((err: unknown) => Promise.reject(failure(path, err))),
+    head: (path, max) => reader.head(path, max).catch((err: unknown) => Promise.reject(failure(path, err))),
+    list: (path) => reader.list(path).catch((err: unknown) => Promise.reject(failure(path, err))),
   };
 }
 
