@@ -17,5 +17,5 @@ COPY --from=build /opt/ddk2docker /opt/ddk2docker
 USER 65534:65534
 # nobody's home (/nonexistent) does not exist: cache and data directories go under /tmp.
 ENV HOME=/tmp
+# No CMD: without arguments the CLI prints its usage.
 ENTRYPOINT ["node", "/opt/ddk2docker/dist/cli.js"]
-CMD ["--help"]

@@ -76,14 +76,16 @@ export class Push {
 
   /** upload stage: the layer blob, streamed as it is produced. */
   async upload(ctx: StageContext): Promise<void> {
-    const branch = await Promise.race([this.branchPromise, rejectOnAbort(ctx.signal)]);
-    this.client.signal = ctx.signal;
+    // The run's signal has many listeners already (every stage's streams): ours go on a signal that follows it.
+    const signal = AbortSignal.any([ctx.signal]);
+    const branch = await Promise.race([this.branchPromise, rejectOnAbort(signal)]);
+    this.client.signal = signal;
     const gzip = createGzip({ level: GZIP_LEVEL, chunkSize: 1 << 18 });
     // A failed run cancels the open upload session (the registry would purge it after days).
     const onFailure = (cancel: () => Promise<void>) => ctx.cleanup.onFailure(`cancel the upload to ${this.client.what}`, cancel);
     const [layer] = await Promise.all([
       this.client.pushStream(gzip, { onBytes: (n) => ctx.progress.add(n), onStarted: onFailure }),
-      pipeline(branch, gzip, { signal: ctx.signal }),
+      pipeline(branch, gzip, { signal }),
     ]);
     this.layer = layer;
     ctx.note(`layer ${this.layer.digest} (${formatBytes(this.layer.size)}, gzip) uploaded`);
@@ -92,7 +94,7 @@ export class Push {
   /** push stage: the config, then the manifest under the tag. */
   async publish(ctx: StageContext, imported: Imported, spec: ImageSpec): Promise<Pushed> {
     if (!this.layer) throw new Error('push: the layer was not uploaded');
-    this.client.signal = ctx.signal;
+    this.client.signal = AbortSignal.any([ctx.signal]);
     const config = applyChanges({}, [...labelChange(spec.labels), ...spec.changes]);
     const image = buildImage(
       { architecture: spec.architecture, config },

@@ -19,6 +19,8 @@ let fixture: FixtureInfo;
 let work: string;
 let out: string;
 let anonymous: Registry;
+/** The manifest digest of the first push: every output of the same source pushes the same image. */
+let firstDigest: string;
 const USER = { user: 'ddk', password: 'pässword:with colon' };
 
 interface JsonResult {
@@ -87,6 +89,7 @@ describe('anonymous registry (plain HTTP on loopback)', () => {
     expect(seen.manifest.layers.map((l) => l.mediaType)).toEqual(['application/vnd.oci.image.layer.v1.tar+gzip']);
     expect(seen.config.rootfs.diff_ids).toEqual([result.diffId]);
     layerDigest = seen.manifest.layers[0]!.digest;
+    firstDigest = seen.digest;
     // The same image as the archive: its config blob is the archive's.
     const { stdout: listing } = await execa('tar', ['-tf', archive]);
     expect(listing.split('\n')).toContain(`blobs/sha256/${seen.manifest.config.digest.slice(7)}`);
@@ -149,6 +152,7 @@ describe('Basic auth (htpasswd, TLS)', () => {
     const result = JSON.parse(r.stdout) as JsonResult;
     const seen = await skopeoInspect(ref, ['--creds', `${USER.user}:${USER.password}`]);
     expect(seen.digest).toBe(result.pushed!.digest);
+    expect(seen.digest).toBe(firstDigest);
     expect(seen.config.rootfs.diff_ids).toEqual([result.diffId]);
     // It speaks only TLS (Go answers plain HTTP with 400), so the push went over HTTPS.
     expect((await got(`http://${registry.host}/v2/`, { throwHttpErrors: false, retry: { limit: 0 } })).statusCode).toBe(400);
@@ -172,7 +176,7 @@ describe('Bearer token auth', () => {
   let token: TokenServer;
   let registry: Registry;
   beforeAll(async () => {
-    token = await startTokenServer(USER);
+    token = await startTokenServer(USER, { expireFirst: true });
     registry = await startRegistry({ token });
   });
   afterAll(async () => {
@@ -180,15 +184,17 @@ describe('Bearer token auth', () => {
     await token?.stop();
   });
 
-  it('gets a push token from the challenge realm and pushes (docker output, verified first)', async () => {
+  it('gets a push token from the challenge realm, again when it expired, and pushes (docker output, verified first)', async () => {
     const ref = `${registry.host}/ddk/bearer:1`;
     const r = await convert(['--output', 'docker', '--tag', 'ddk-push:bearer', '--push', ref], { REGISTRY_USER: USER.user, REGISTRY_PASSWORD: USER.password });
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const result = JSON.parse(r.stdout) as JsonResult;
-    expect(token.requests).toContainEqual({ scope: 'repository:ddk/bearer:pull,push', user: USER.user });
+    // The first token came back expired: one more was fetched, the same way.
+    expect(token.requests.slice(0, 2)).toEqual([{ scope: 'repository:ddk/bearer:pull,push', user: USER.user }, { scope: 'repository:ddk/bearer:pull,push', user: USER.user }]);
     const seen = await skopeoInspect(ref, ['--creds', `${USER.user}:${USER.password}`]);
     expect(seen.digest).toBe(result.pushed!.digest);
+    expect(seen.digest).toBe(firstDigest);
     expect(seen.config.rootfs.diff_ids).toEqual([result.diffId]);
   });
 
