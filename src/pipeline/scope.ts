@@ -1,7 +1,7 @@
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { CancelledError } from '../errors.js';
+import { CancelledError, throwIfAborted } from '../errors.js';
 import { Cleanup } from './cleanup.js';
 import { runSteps, type RendererKind, type StageTiming, type Step } from './runner.js';
 import type { Engine } from './stage.js';
@@ -46,6 +46,8 @@ export async function runScoped(opts: ScopeOptions, build: (scope: Scope) => Ste
   try {
     const steps = build({ signal: controller.signal, workdir });
     const stages = await runSteps(steps, { engine: opts.engine, signal: controller.signal, cleanup, workdir, abort }, opts.renderer ?? 'auto');
+    // Interrupted while the last stage finished its work: the run still stops and is undone, as it said it would.
+    throwIfAborted(controller.signal);
     failed = false;
     return { stages, workdir };
   } catch (err) {
