@@ -1,14 +1,13 @@
 import { availableParallelism } from 'node:os';
 import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
-import { createGunzip } from 'node:zlib';
+import { Worker } from 'node:worker_threads';
 import { InputError, namingFile } from '../errors.js';
 import { GrowingFile } from '../formats/growing.js';
 import { CHUNK_SIZE } from '../formats/xva.js';
 import { tool, toolError } from '../host/exec.js';
 import type { Chunk, Extracted } from './extract.js';
+import type { InflateIn, InflateJob, InflateOut } from './inflate-worker.js';
 import type { StageContext } from './stage.js';
 
 /** decompress: every chunk at N × 1e9 in one sparse scratch file; left-out chunks stay holes. */
@@ -17,9 +16,6 @@ export interface Decompressed {
   /** End of the last chunk's data: the length of the disk stream. */
   streamSize: number;
 }
-
-const BLOCK = 4096;
-const ZERO = Buffer.alloc(BLOCK);
 
 /** Run `fn` over items, at most `limit` at a time; the first failure stops the rest. */
 async function pool<T>(items: T[], limit: number, signal: AbortSignal, fn: (item: T) => Promise<void>): Promise<void> {
@@ -30,58 +26,100 @@ async function pool<T>(items: T[], limit: number, signal: AbortSignal, fn: (item
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
 }
 
-/**
- * A sink that writes at absolute offsets and skips all-zero 4 KiB blocks, so zeros inside a
- * chunk become holes too and no byte is written that the file would not already read back.
- */
-function sparseWriter(fh: FileHandle, start: number, ctx: StageContext, written: { n: number }, advance: (upTo: number) => void, input: string): Writable {
-  let pos = start;
-  return new Writable({
-    highWaterMark: 4 << 20,
-    async write(chunk: Buffer, _enc, cb) {
-      try {
-        // Checked before writing: the next chunk's region is being read.
-        if (written.n + chunk.length > CHUNK_SIZE) throw new InputError(input, `decompresses to more than the ${CHUNK_SIZE}-byte chunk size`);
-        let runStart = -1;
-        for (let off = 0; off < chunk.length; off += BLOCK) {
-          const end = Math.min(off + BLOCK, chunk.length);
-          const zero = chunk.compare(ZERO, 0, end - off, off, end) === 0;
-          if (!zero && runStart === -1) runStart = off;
-          if (zero && runStart !== -1) {
-            await fh.write(chunk, runStart, off - runStart, pos + runStart);
-            runStart = -1;
-          }
-        }
-        if (runStart !== -1) await fh.write(chunk, runStart, chunk.length - runStart, pos + runStart);
-        pos += chunk.length;
-        written.n += chunk.length;
-        advance(pos);
-        ctx.progress.add(chunk.length);
-        cb();
-      } catch (err) {
-        cb(err as Error);
-      }
-    },
-  });
-}
-
 function checkChunkSize(size: number, isLast: boolean, input: string): void {
   if (size > CHUNK_SIZE) throw new InputError(input, `decompresses to ${size} bytes, more than the ${CHUNK_SIZE}-byte chunk size`);
   if (!isLast && size !== CHUNK_SIZE) throw new InputError(input, `decompresses to ${size} bytes; every chunk but the last must hold exactly ${CHUNK_SIZE}`);
 }
 
-async function builtinChunk(ctx: StageContext, fh: FileHandle, chunk: Chunk, input: string, advance: (upTo: number) => void): Promise<number> {
-  const written = { n: 0 };
-  try {
-    await pipeline(chunk.open(), createGunzip({ chunkSize: 1 << 20 }), sparseWriter(fh, chunk.offset, ctx, written, advance, input), { signal: ctx.signal });
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code ?? '';
-    if (code.startsWith('Z_') || /unexpected end|incorrect header|invalid/i.test((err as Error).message)) {
-      throw new InputError(input, `corrupt gzip data: ${(err as Error).message}`, { cause: err });
+/** At most this many compressed pieces of one chunk wait in the worker. */
+const PIECES_IN_FLIGHT = 4;
+
+/**
+ * The gunzip worker of one run (see inflate-worker.ts): `chunk` gunzips one chunk into the
+ * scratch file, the compressed pieces read here and handed over without a copy, and resolves
+ * with its decompressed size; a bad gzip stream, an oversized chunk, the worker's end or an
+ * abort fails it. `stop` ends the worker (also a cleanup step, before the file is closed).
+ */
+function inflater(ctx: StageContext, fh: FileHandle): { chunk: (chunk: Chunk, input: string, advance: (upTo: number) => void) => Promise<number>; stop: () => Promise<void> } {
+  const job: InflateJob = { fd: fh.fd };
+  const worker = new Worker(new URL('./inflate-worker.js', import.meta.url), { workerData: job });
+  const stop = ctx.cleanup.defer('stop the gunzip worker', async () => void (await worker.terminate()));
+  const handlers = new Map<number, { reply: (m: InflateOut) => void; consumed: () => void; lost: (err: unknown) => void }>();
+  let ended: unknown;
+  worker.on('message', (m: InflateOut) => {
+    const h = handlers.get(m.id);
+    if (!h) return;
+    if ('consumed' in m) h.consumed();
+    else h.reply(m);
+  });
+  const lose = (err: unknown) => {
+    ended ??= err;
+    for (const h of handlers.values()) h.lost(ended);
+  };
+  worker.on('error', lose);
+  worker.on('exit', (code) => lose(new Error(`the gunzip worker stopped (exit status ${code})`)));
+  let nextId = 0;
+
+  const chunk = async (c: Chunk, input: string, advance: (upTo: number) => void): Promise<number> => {
+    const id = nextId++;
+    const source = c.open();
+    let inFlight = 0;
+    let room: (() => void) | undefined;
+    let settle!: { resolve: (n: number) => void; reject: (err: unknown) => void };
+    const result = new Promise<number>((resolve, reject) => (settle = { resolve, reject }));
+    let over = false;
+    const finish = (err: unknown, size?: number) => {
+      if (over) return;
+      over = true;
+      handlers.delete(id);
+      room?.();
+      source.destroy();
+      if (err === undefined) settle.resolve(size!);
+      else settle.reject(err);
+    };
+    handlers.set(id, {
+      consumed: () => {
+        inFlight--;
+        room?.();
+      },
+      lost: (err) => finish(err),
+      reply: (m) => {
+        if ('upTo' in m) {
+          advance(m.upTo);
+          ctx.progress.add(m.bytes);
+        } else if ('done' in m) finish(undefined, m.done);
+        else if ('overflow' in m) finish(new InputError(input, `decompresses to more than the ${CHUNK_SIZE}-byte chunk size`));
+        else if ('error' in m) {
+          const gzip = (m.code ?? '').startsWith('Z_') || /unexpected end|incorrect header|invalid/i.test(m.error);
+          finish(gzip ? new InputError(input, `corrupt gzip data: ${m.error}`) : Object.assign(new Error(m.error), { code: m.code }));
+        }
+      },
+    });
+    const onAbort = () => finish(ctx.signal.reason);
+    ctx.signal.addEventListener('abort', onAbort, { once: true });
+    if (ctx.signal.aborted) onAbort();
+    if (ended !== undefined) finish(ended);
+    const feed = async () => {
+      worker.postMessage({ id, start: c.offset, limit: CHUNK_SIZE } satisfies InflateIn);
+      for await (const piece of source as AsyncIterable<Buffer>) {
+        if (over) return;
+        // A piece that owns its whole memory moves to the worker; a slice of a shared pool is copied.
+        const own = piece.byteOffset === 0 && piece.byteLength === piece.buffer.byteLength && piece.buffer instanceof ArrayBuffer;
+        worker.postMessage({ id, piece } satisfies InflateIn, own ? [piece.buffer] : []);
+        inFlight++;
+        while (inFlight >= PIECES_IN_FLIGHT && !over) await new Promise<void>((r) => (room = r));
+        room = undefined;
+      }
+      if (!over) worker.postMessage({ id, end: true } satisfies InflateIn);
+    };
+    if (!over) feed().catch((err: unknown) => finish(err));
+    try {
+      return await result;
+    } finally {
+      ctx.signal.removeEventListener('abort', onAbort);
     }
-    throw err;
-  }
-  return written.n;
+  };
+  return { chunk, stop };
 }
 
 /** The manual recipe's way, but gap-correct: zcat into dd at the chunk's own offset. */
@@ -153,6 +191,7 @@ export async function startDecompress(ctx: StageContext, extracted: Extracted, i
   const path = join(ctx.workdir, 'disk.img');
   const fh = await open(path, 'w+');
   ctx.cleanup.defer(`close ${path}`, () => fh.close().catch(() => undefined));
+  const gunzip = inflater(ctx, fh);
   const { chunks } = extracted;
   ctx.progress.total = chunks.length * CHUNK_SIZE;
   const last = chunks[chunks.length - 1]!;
@@ -178,7 +217,7 @@ export async function startDecompress(ctx: StageContext, extracted: Extracted, i
   const decompressOne = async (i: number): Promise<void> => {
     const chunk = chunks[i]!;
     const input = `${isoName}:${extracted.chunkDir}/${chunk.name}`;
-    const size = await builtinChunk(ctx, fh, chunk, input, (upTo) => file.advance(i, upTo));
+    const size = await gunzip.chunk(chunk, input, (upTo) => file.advance(i, upTo));
     checkChunkSize(size, chunk === last, input);
     if (chunk === last) {
       ctx.progress.total = (chunks.length - 1) * CHUNK_SIZE + size;
@@ -190,10 +229,11 @@ export async function startDecompress(ctx: StageContext, extracted: Extracted, i
   };
   const all = pool(order, availableParallelism(), ctx.signal, start).then(() => Promise.all(runs.values()));
   const done = Promise.race([failed, all]).then(
-    () => undefined,
-    (err: unknown) => {
+    () => gunzip.stop(),
+    async (err: unknown) => {
       const e = namingFile(err, path);
       file.fail(e);
+      await gunzip.stop();
       throw e;
     },
   );
