@@ -1,6 +1,6 @@
 import { PassThrough, Readable } from 'node:stream';
 import Docker from 'dockerode';
-import { EnvironmentError } from '../errors.js';
+import { EnvironmentError, throwIfAborted } from '../errors.js';
 import { tarHeader } from './archive.js';
 import { canonicalJson, imageConfig, parseTag, sha256Digest, type Architecture, type ContainerConfig } from './image.js';
 
@@ -35,10 +35,25 @@ interface JsonMessage {
  * it and use their own (see withArchitecture).
  */
 export async function importLayer(docker: Docker, tar: Readable, opts: { changes: string[]; message: string; platform?: string; signal: AbortSignal }): Promise<string> {
-  const query = { changes: opts.changes, message: opts.message, ...(opts.platform ? { platform: opts.platform } : {}), abortSignal: opts.signal };
-  const res = (await docker.importImage(tar as never, query as never)) as unknown as Readable;
+  // Cut short while the layer is on its way, the request leaves the daemon a truncated tar, which it
+  // refuses. Once the whole layer is sent the daemon makes the image whatever the client does: the
+  // request then runs to its answer, so that the image's id is known and the run's cleanup removes it.
+  const request = new AbortController();
+  let sent = false;
+  tar.once('end', () => (sent = true));
+  const onAbort = () => {
+    if (!sent) request.abort(opts.signal.reason);
+  };
+  opts.signal.addEventListener('abort', onAbort, { once: true });
+  if (opts.signal.aborted) onAbort();
+  const query = { changes: opts.changes, message: opts.message, ...(opts.platform ? { platform: opts.platform } : {}), abortSignal: request.signal };
   let text = '';
-  for await (const chunk of res) text += chunk.toString();
+  try {
+    const res = (await docker.importImage(tar as never, query as never)) as unknown as Readable;
+    for await (const chunk of res) text += chunk.toString();
+  } finally {
+    opts.signal.removeEventListener('abort', onAbort);
+  }
   let id: string | undefined;
   for (const line of text.split(/\r?\n/)) {
     if (!line.trim()) continue;
@@ -93,7 +108,10 @@ export async function withArchitecture(
     tarHeader(configName, 'file', config.length, 0), config, pad(config.length),
     Buffer.alloc(1024),
   ]);
-  const res = (await docker.loadImage(Readable.from([archive]) as never, { quiet: true, abortSignal: want.signal } as never)) as unknown as Readable;
+  // Not cut short once sent (a few hundred bytes): the daemon would make the image all the same,
+  // unknown to the caller; the caller removes it if the run has been interrupted meanwhile.
+  throwIfAborted(want.signal);
+  const res = (await docker.loadImage(Readable.from([archive]) as never, { quiet: true } as never)) as unknown as Readable;
   let text = '';
   for await (const chunk of res) text += chunk.toString();
   const failed = daemonError(text, 'docker load of the image config');

@@ -55,8 +55,16 @@ export async function importStage(ctx: StageContext, layer: Layer, output: Outpu
     await ping(docker);
     const metered = layer.stream.pipe(meter);
     layer.stream.once('error', (err) => metered.destroy(err));
-    const [importedId] = await Promise.all([importLayer(docker, metered, { changes, message: spec.message, platform: `linux/${spec.architecture}`, signal: ctx.signal }), layer.done]);
-    ctx.cleanup.onFailure(`remove image ${importedId}`, () => removeImage(docker, importedId));
+    const importing = importLayer(docker, metered, { changes, message: spec.message, platform: `linux/${spec.architecture}`, signal: ctx.signal }).then((id) => {
+      ctx.cleanup.onFailure(`remove image ${id}`, () => removeImage(docker, id));
+      return id;
+    });
+    // Both settle before the stage ends, so an image the daemon makes is known to the cleanup even
+    // when the layer fails first.
+    const [imported, exported] = await Promise.allSettled([importing, layer.done]);
+    if (exported.status === 'rejected') throw exported.reason;
+    if (imported.status === 'rejected') throw imported.reason;
+    const importedId = imported.value;
     const imageId = await withArchitecture(docker, importedId, { architecture: spec.architecture, config: applyChanges({}, changes), diffId: meter.diffId, signal: ctx.signal });
     if (imageId !== importedId) ctx.cleanup.onFailure(`remove image ${imageId}`, () => removeImage(docker, imageId));
     return { imageId, docker, diffId: meter.diffId, files: meter.files, bytes: meter.bytes };
