@@ -271,16 +271,14 @@ export class RegistryClient {
 
   /**
    * A blob streamed in one PATCH, its digest computed on the way and given in the closing PUT,
-   * where the registry checks it. `onStarted` gets a canceller for the open upload session.
+   * where the registry checks it. A session cut short cannot be cancelled (distribution wants the
+   * upload's current `_state`, which an interrupted PATCH never returns): the registry purges it.
    */
-  async pushStream(body: Readable, hooks: { onBytes?: (n: number) => void; onStarted?: (cancel: () => Promise<void>) => void } = {}): Promise<{ digest: string; size: number }> {
+  async pushStream(body: Readable, onBytes?: (n: number) => void): Promise<{ digest: string; size: number }> {
     const session = await this.startUpload();
-    hooks.onStarted?.(async () => {
-      await this.raw('DELETE', session.href, { headers: this.auth.kind === 'anonymous' || !this.auth.header ? {} : { authorization: this.auth.header } }).catch(() => undefined);
-    });
     let counted = 0;
     const digester = new Digester((total) => {
-      hooks.onBytes?.(total - counted);
+      onBytes?.(total - counted);
       counted = total;
     });
     const [res] = await Promise.all([

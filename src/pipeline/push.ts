@@ -41,7 +41,12 @@ const GZIP_LEVEL = zlibConstants.Z_BEST_SPEED;
 /** One readable into two, each read at the pace of the slower reader (pipe's backpressure). */
 function tee(source: Readable): [Readable, Readable] {
   const branches: [PassThrough, PassThrough] = [new PassThrough({ highWaterMark: 1 << 20 }), new PassThrough({ highWaterMark: 1 << 20 })];
-  for (const b of branches) source.pipe(b);
+  for (const b of branches) {
+    source.pipe(b);
+    // A source error reaches the run through the export stage (layer.done); a branch whose reader
+    // has already failed and left must not crash the process with it.
+    b.on('error', () => undefined);
+  }
   source.once('error', (err) => branches.forEach((b) => b.destroy(err)));
   source.once('close', () => {
     if (!source.readableEnded) branches.forEach((b) => b.destroy(new Error('the layer stream stopped before its end')));
@@ -81,10 +86,8 @@ export class Push {
     const branch = await Promise.race([this.branchPromise, rejectOnAbort(signal)]);
     this.client.signal = signal;
     const gzip = createGzip({ level: GZIP_LEVEL, chunkSize: 1 << 18 });
-    // A failed run cancels the open upload session (the registry would purge it after days).
-    const onFailure = (cancel: () => Promise<void>) => ctx.cleanup.onFailure(`cancel the upload to ${this.client.what}`, cancel);
     const [layer] = await Promise.all([
-      this.client.pushStream(gzip, { onBytes: (n) => ctx.progress.add(n), onStarted: onFailure }),
+      this.client.pushStream(gzip, (n) => ctx.progress.add(n)),
       pipeline(branch, gzip, { signal }),
     ]);
     this.layer = layer;

@@ -117,6 +117,14 @@ describe('anonymous registry (plain HTTP on loopback)', () => {
     expect(await leftovers(work)).toEqual([]);
   });
 
+  it('the output fails while the layer streams (no daemon): one line, nothing tagged', async () => {
+    const r = await convert(['--output', 'docker', '--push', `${anonymous.host}/ddk/nodaemon:1`], { DOCKER_HOST: 'unix:///nonexistent/docker.sock' });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/^ddk2docker: no Docker daemon answers at unix:\/\/\/nonexistent\/docker\.sock/);
+    expect((await tags(anonymous.host, 'ddk/nodaemon')).tags).toEqual([]);
+    expect(await leftovers(work)).toEqual([]);
+  });
+
   it('a bad --sha256: nothing pushed', async () => {
     const r = await convert(['--output', `rootfs:${join(out, 'bad.tar')}`, '--sha256', '0'.repeat(64), '--push', `${anonymous.host}/ddk/badsha:1`]);
     expect(r.code).toBe(1);
