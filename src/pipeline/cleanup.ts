@@ -4,6 +4,8 @@
  */
 export class Cleanup {
   private steps: { label: string; fn: () => Promise<void>; onlyOnFailure: boolean }[] = [];
+  /** Steps their owner runs early (a stage unmounting what it is done with), still under way. */
+  private readonly early = new Set<Promise<void>>();
   private ran = false;
 
   /** Register an undo step; returns a function that runs it now (and forgets it). */
@@ -28,13 +30,21 @@ export class Cleanup {
       const i = this.steps.indexOf(step);
       if (i === -1) return;
       this.steps.splice(i, 1);
-      await fn();
+      const running = fn();
+      this.early.add(running);
+      try {
+        await running;
+      } finally {
+        this.early.delete(running);
+      }
     };
   }
 
   /** Run every step, newest first; returns one line per step that failed. */
   async run(failed: boolean): Promise<string[]> {
     this.ran = true;
+    // An unmount under way must end before the steps after it (removing the mount point) start.
+    await Promise.allSettled([...this.early]);
     const failures: string[] = [];
     while (this.steps.length > 0) {
       const step = this.steps.pop()!;
