@@ -32,7 +32,7 @@ function checkChunkSize(size: number, isLast: boolean, input: string): void {
 }
 
 /** At most this many compressed pieces of one chunk wait in the worker. */
-const PIECES_IN_FLIGHT = 4;
+const PIECES_IN_FLIGHT = 2;
 
 /**
  * The gunzip worker of one run (see inflate-worker.ts): `chunk` gunzips one chunk into the
@@ -42,7 +42,12 @@ const PIECES_IN_FLIGHT = 4;
  */
 function inflater(ctx: StageContext, fh: FileHandle): { chunk: (chunk: Chunk, input: string, advance: (upTo: number) => void) => Promise<number>; stop: () => Promise<void> } {
   const job: InflateJob = { fd: fh.fd };
-  const worker = new Worker(new URL('./inflate-worker.js', import.meta.url), { workerData: job });
+  const worker = new Worker(new URL('./inflate-worker.js', import.meta.url), {
+    workerData: job,
+    // A small young generation is collected often, and with it the dead buffers zlib wrote
+    // from and to: they would otherwise add tens of MiB to the peak RSS.
+    resourceLimits: { maxYoungGenerationSizeMb: 1, maxOldGenerationSizeMb: 32 },
+  });
   const stop = ctx.cleanup.defer('stop the gunzip worker', async () => void (await worker.terminate()));
   const handlers = new Map<number, { reply: (m: InflateOut) => void; consumed: () => void; lost: (err: unknown) => void }>();
   let ended: unknown;
