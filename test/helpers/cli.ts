@@ -5,8 +5,11 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa, type ResultPromise } from 'execa';
 
-/** The built CLI, run as a user would run it (npm test builds dist/ first). */
-export const CLI = fileURLToPath(new URL('../../dist/cli.js', import.meta.url));
+/**
+ * The built CLI, run as a user would run it (npm test builds dist/ first). DDK2DOCKER_TEST_CLI
+ * names another build: a copy that a concurrent rebuild of dist/ cannot change mid-run.
+ */
+export const CLI = process.env.DDK2DOCKER_TEST_CLI ?? fileURLToPath(new URL('../../dist/cli.js', import.meta.url));
 
 export interface CliResult {
   code: number;
