@@ -180,6 +180,14 @@ it('inspect prints the release read through the link escaped, on one line', asyn
   await expectHarmless();
 });
 
+it('a label value with a newline (which no Docker LABEL can hold) is refused in one line; no image is added', async () => {
+  const before = (await execa('docker', ['images', '-aq'], { env: env() })).stdout;
+  const r = await runCli(['convert', mini.iso, '--tag', `${TAG}:nl`, '--label', 'note=one\nLABEL two=2', '--workdir', work, '--quiet'], env());
+  expectOneLine(r, /^ddk2docker: label "note": contains a newline, which a Docker LABEL cannot hold$/);
+  expect((await execa('docker', ['images', '-aq'], { env: env() })).stdout).toBe(before);
+  await expectHarmless();
+});
+
 describe('hostile names in damaged file systems: one line, the name escaped', () => {
   /** The raw disk with `search` (a name in a directory block) overwritten by `replacement` of the same length. */
   async function renamed(name: string, search: Buffer, replacement: Buffer): Promise<string> {
