@@ -289,7 +289,7 @@ describe('XAPI credentials', () => {
       { ...env(), XAPI_USER: standin.user, XAPI_PASSWORD: PASSWORD, DDK2DOCKER_DATA_DIR: data },
     );
     // Every process on the machine, sampled while the conversion runs: none has the password in
-    // its command line, and none of the CLI's tools has it in its environment.
+    // its command line, and none of the tools the CLI runs has it in its environment.
     const own = await readFile(`/proc/${child.pid}/cmdline`);
     const sampled = new Set<number>();
     const exposed: string[] = [];
@@ -300,11 +300,9 @@ describe('XAPI credentials', () => {
           if (!/^\d+$/.test(pid)) continue;
           const cmdline = await readFile(`/proc/${pid}/cmdline`).catch(() => Buffer.alloc(0));
           if (cmdline.includes(PASSWORD)) exposed.push(`argv of ${pid}: ${cmdline.toString().replace(/\0/g, ' ')}`);
-          if (Number(pid) === child.pid) continue;
-          const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => '');
-          if (/^PPid:\s*(\d+)$/m.exec(status)?.[1] !== String(child.pid)) continue;
-          // Forked but not yet running the tool: still a copy of the CLI itself.
-          if (cmdline.equals(own)) continue;
+          // The CLI's tools all name the scratch space (fuseiso, which daemonizes, for the whole
+          // run); a copy of the CLI's own command line is the CLI, or a fork not yet running its tool.
+          if (!cmdline.includes(work) || cmdline.equals(own)) continue;
           sampled.add(Number(pid));
           const environ = await readFile(`/proc/${pid}/environ`).catch(() => Buffer.alloc(0));
           if (environ.includes(PASSWORD)) exposed.push(`environment of ${pid}: ${cmdline.toString().replace(/\0/g, ' ')}`);
