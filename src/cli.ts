@@ -81,6 +81,22 @@ function xapiOptions(o: XapiFlags, signal: AbortSignal) {
   return { vm: o.vm, xapi: o.xapi, signal, ...(o.xapiCa ? { ca: o.xapiCa } : {}), ...(o.insecure ? { insecure: true } : {}) };
 }
 
+/** How to read the source: convert, inspect and verify take the same. */
+function withSourceFlags(c: Command): Command {
+  return c
+    .option('--sha256 <hex>', 'expected sha256 of the source')
+    .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const);
+}
+
+/** Scratch space, download cache and output form of every command that runs the stages. */
+function withRunFlags(c: Command): Command {
+  return c
+    .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
+    .option('--cache-dir <dir>', 'download cache')
+    .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
+    .option('--quiet', 'no progress output');
+}
+
 function withXapiFlags(c: Command): Command {
   return c
     .requiredOption('--vm <uuid>', "the Docker VM's uuid")
@@ -124,23 +140,18 @@ const program = new Command('ddk2docker')
   .showHelpAfterError('(ddk2docker --help for usage)')
   .configureOutput({ outputError: (str, write) => write(str) });
 
-program
-  .command('convert')
+withRunFlags(withSourceFlags(program.command('convert')))
   .description('convert a DDK ISO, .vhd or raw disk image (path or http(s) URL) into an image')
   .argument('<source>', 'DDK ISO, .vhd, raw disk image, or an http(s) URL of one')
   .option('--tag <repo:tag>', 'name for the image (given only after it is verified)')
   .addOption(new Option('--engine <engine>', 'builtin: in-process, no root; host: mount/zcat/qemu-img/losetup/tar').choices(['builtin', 'host']).default('builtin'))
   .option('--output <target>', 'docker | docker-archive:FILE | oci:DIR | rootfs:FILE.tar[.gz] | libvirt-lxc:DIR (DIR/rootfs + DIR/domain.xml)', 'docker')
-  .option('--sha256 <hex>', 'expected sha256 of the source')
-  .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
   .option('--change <instruction>', "Dockerfile instruction to apply, e.g. 'CMD [\"/bin/bash\"]' (repeatable)", collect, [] as string[])
   .option('--label <k=v>', 'image label (repeatable)', parseLabel, {} as Record<string, string>)
   .option('--smoke <cmd>', 'command that must succeed in a container from the image (default: cat /etc/redhat-release, skipped on the vfs storage driver)')
   .option('--no-smoke', 'run no smoke command (the layer digest and labels are still checked)')
   .option('--uname-shim', "add /usr/local/bin/uname reporting the DDK's kernel for -r (builds of kernel modules would see the host's)")
-  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
   .option('--keep-workdir', 'keep the scratch space for inspection')
-  .option('--cache-dir <dir>', 'download cache')
   .option('--register-vm <uuid>', "register this Docker VM with XenServer container monitoring after import")
   .option('--xapi <url>', 'XAPI URL of a pool host, for --register-vm (credentials: XAPI_USER / XAPI_PASSWORD)')
   .option('--xapi-ca <file>', "PEM certificate(s) to trust for XAPI's TLS")
@@ -148,8 +159,6 @@ program
   .option('--wait-monitoring <seconds>', 'after registering, wait until the monitor reports a container of the image', parseSeconds)
   .option('--push <registry/repo:tag>', 'push the verified image to a registry (credentials: REGISTRY_USER / REGISTRY_PASSWORD)')
   .option('--push-insecure', 'allow HTTP, or HTTPS without certificate checks, to the --push registry (loopback always is)')
-  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
-  .option('--quiet', 'no progress output')
   .action(async (source: string, o: Record<string, unknown>) => {
     if (o.registerVm && !o.xapi) throw new InvalidArgumentError('--register-vm needs --xapi URL');
     if (o.xapi && !o.registerVm) throw new InvalidArgumentError('--xapi goes with --register-vm UUID');
@@ -193,16 +202,9 @@ program
     }
   });
 
-program
-  .command('inspect')
+withRunFlags(withSourceFlags(program.command('inspect')))
   .description('what a DDK ISO, .vhd or disk image holds: ova.xml, chunks, disk format, partitions, file system, release')
   .argument('<source>', 'DDK ISO, .vhd, raw disk image, or an http(s) URL of one')
-  .option('--sha256 <hex>', 'expected sha256 of the source')
-  .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
-  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
-  .option('--cache-dir <dir>', 'download cache')
-  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
-  .option('--quiet', 'no progress output')
   .action(async (source: string, o: Record<string, unknown>) => {
     const r = await withSignals((signal) =>
       inspectSource({
@@ -219,16 +221,11 @@ program
     else process.stdout.write(describeInspection(r));
   });
 
-program
-  .command('run')
+withRunFlags(program.command('run'))
   .description('run declarative pipelines (pipelines/*.yaml): one conversion per file, then a summary table')
   .argument('<pipeline...>', 'pipeline YAML files')
   .option('--concurrency <n>', 'conversions at once', parseCount, 1)
   .option('--fail-fast', 'stop the other pipelines at the first failure')
-  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
-  .option('--cache-dir <dir>', 'download cache')
-  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
-  .option('--quiet', 'no progress output')
   .action(async (files: string[], o: { concurrency: number; failFast?: boolean; workdir?: string; cacheDir?: string; json?: boolean; quiet?: boolean }) => {
     const specs = await loadPipelines(files);
     const n = specs.length;
@@ -253,18 +250,11 @@ program
     });
   });
 
-program
-  .command('verify')
+withRunFlags(withSourceFlags(program.command('verify')))
   .description("compare an image's files, layer diffID and source labels with the disk it was converted from; exit 0 only when equal")
   .argument('<source>', 'DDK ISO, .vhd, raw disk image, or an http(s) URL of one')
   .requiredOption('--image <ref>', 'image in the daemon at DOCKER_HOST, docker-archive:FILE or oci:DIR')
   .addOption(new Option('--engine <engine>', 'how to read the disk (as for convert)').choices(['builtin', 'host']).default('builtin'))
-  .option('--partition <n|auto>', 'root partition number', parsePartition, 'auto' as const)
-  .option('--sha256 <hex>', 'expected sha256 of the source')
-  .option('--workdir <dir>', 'scratch space (default: the system temp dir)')
-  .option('--cache-dir <dir>', 'download cache')
-  .option('--json', 'print one JSON object on stdout (progress stays on stderr)')
-  .option('--quiet', 'no progress output')
   .action(async (source: string, o: Record<string, unknown>) => {
     const r = await withSignals((signal) =>
       verifyImage({
