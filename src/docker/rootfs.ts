@@ -1,11 +1,10 @@
 import { createHash, type Hash } from 'node:crypto';
 import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { Transform, type Readable, type TransformCallback } from 'node:stream';
+import { Transform, Writable, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGzip } from 'node:zlib';
 import { CancelledError, InputError, namingFile, throwIfAborted } from '../errors.js';
-import { HashingFileWriter } from './layer-writer.js';
 import type { LibvirtLxcResult } from './libvirt.js';
 
 /**
@@ -66,6 +65,33 @@ export class Digester extends Transform {
   }
 }
 
+/**
+ * Positional writes from `position` on. Not FileHandle.createWriteStream: until that stream is
+ * destroyed, which closes the handle, handle.close() never resolves; the archive writer needs
+ * the handle after the layer, to patch its header and append the metadata.
+ */
+class FileWriter extends Writable {
+  constructor(private readonly file: FileHandle, private position: number) {
+    // Large batches: fewer, bigger pwritev calls for a multi-gigabyte stream.
+    super({ highWaterMark: 1 << 20 });
+  }
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this.writeAll([chunk]).then(() => callback(), callback);
+  }
+  override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
+    this.writeAll(chunks.map((c) => c.chunk)).then(() => callback(), callback);
+  }
+  private async writeAll(buffers: Buffer[]): Promise<void> {
+    // pwritev may write less than asked (at most IOV_MAX buffers, or a short write).
+    while (buffers.length > 0) {
+      let { bytesWritten } = await this.file.writev(buffers, this.position);
+      this.position += bytesWritten;
+      while (buffers.length > 0 && bytesWritten >= buffers[0]!.length) bytesWritten -= buffers.shift()!.length;
+      if (bytesWritten > 0) buffers[0] = buffers[0]!.subarray(bytesWritten);
+    }
+  }
+}
+
 function cancelled(signal: AbortSignal | undefined, error: unknown): unknown {
   return signal?.aborted && !(error instanceof CancelledError) ? new CancelledError() : error;
 }
@@ -80,17 +106,18 @@ export async function writeLayer(
   position: number,
   opts: { gzipLevel?: number; signal?: AbortSignal; onProgress?: (bytes: number) => void },
 ): Promise<LayerWrite> {
+  const diff = new Digester(opts.onProgress);
+  const out = new FileWriter(file, position);
   try {
     if (opts.gzipLevel === undefined) {
-      const out = new HashingFileWriter(file.fd, position, opts.onProgress);
-      await pipeline(layer, out, { signal: opts.signal });
-      return { diffId: out.digest, layerBytes: out.bytes, digest: out.digest, storedBytes: out.bytes };
+      await pipeline(layer, diff, out, { signal: opts.signal });
+      const digest = diff.digest();
+      return { diffId: digest, layerBytes: diff.bytes, digest, storedBytes: diff.bytes };
     }
-    const diff = new Digester(opts.onProgress);
+    const stored = new Digester();
     const gzip = createGzip({ level: opts.gzipLevel, chunkSize: 1 << 18 });
-    const out = new HashingFileWriter(file.fd, position);
-    await pipeline(layer, diff, gzip, out, { signal: opts.signal });
-    return { diffId: diff.digest(), layerBytes: diff.bytes, digest: out.digest, storedBytes: out.bytes };
+    await pipeline(layer, diff, gzip, stored, out, { signal: opts.signal });
+    return { diffId: diff.digest(), layerBytes: diff.bytes, digest: stored.digest(), storedBytes: stored.bytes };
   } catch (e) {
     throw cancelled(opts.signal, e);
   }
