@@ -139,14 +139,21 @@ async function hostChunk(ctx: StageContext, disk: string, chunk: Chunk, input: s
   let reported = 0;
   let copied = -1;
   let ddSaid: string | undefined;
+  const take = (line: string) => {
+    if (line.startsWith('dd: ')) ddSaid ??= line;
+    const m = /^(\d+) bytes/.exec(line);
+    if (!m) return;
+    const n = Number(m[1]);
+    ctx.progress.add(n - reported);
+    reported = n;
+    copied = n;
+  };
+  // Whole lines only: dd's progress (ending in \r) and messages (\n) may arrive split across reads.
+  let rest = '';
   dd.stderr?.on('data', (b: Buffer) => {
-    ddSaid = b.toString('utf8').split(/[\r\n]/).find((l) => l.startsWith('dd: ')) ?? ddSaid;
-    for (const m of b.toString('latin1').matchAll(/(\d+) bytes/g)) {
-      const n = Number(m[1]);
-      ctx.progress.add(n - reported);
-      reported = n;
-      copied = n;
-    }
+    const lines = (rest + b.toString('utf8')).split(/[\r\n]/);
+    rest = lines.pop()!;
+    lines.forEach(take);
   });
   try {
     await zcat.pipe(dd);
@@ -155,8 +162,10 @@ async function hostChunk(ctx: StageContext, disk: string, chunk: Chunk, input: s
     // gzip names the chunk by its path in our scratch mount: the input's name says it better.
     if ((err as { command?: string }).command?.startsWith('zcat')) throw new InputError(input, `corrupt gzip data: ${toolError(err, 'zcat').message.replace(/^zcat: (gzip: [^:]*: )?/, '')}`);
     // dd's stderr went to the progress parser: its own complaint (e.g. "No space left on device") was kept there.
+    take(rest);
     throw new Error(`${disk}: ${ddSaid ?? toolError(err, 'dd').message}`, { cause: err });
   }
+  take(rest);
   if (copied < 0) copied = 0;
   return copied;
 }
