@@ -48,6 +48,14 @@ async function tagTarget(): Promise<string | undefined> {
   return r.exitCode === 0 ? String(r.stdout).trim() : undefined;
 }
 
+/** A rerun tagged a new image: give the tag back to `previous` and remove it, so the next case starts where this one did. */
+async function restoreTag(): Promise<void> {
+  const id = await tagTarget();
+  expect(id).not.toBe(previous);
+  await execa('docker', ['tag', previous, TAG], { env: env() });
+  await execa('docker', ['rmi', id!], { env: env() });
+}
+
 interface Interrupted {
   code: number;
   log: string;
@@ -138,11 +146,7 @@ describe.each(['builtin', 'host'] as const)('engine %s', (engine) => {
     const r = await runCli(['convert', mini.iso, '--engine', engine, '--tag', TAG, '--workdir', work, '--quiet'], env());
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
-    const id = await tagTarget();
-    expect(id).not.toBe(previous);
-    // Back to the starting point for the next cases.
-    await execa('docker', ['tag', previous, TAG], { env: env() });
-    await execa('docker', ['rmi', id!], { env: env() });
+    await restoreTag();
     expect(await imageIds(dockerd.host)).toEqual(baseline);
     expect(await leftovers(work)).toEqual([]);
   });
@@ -176,10 +180,7 @@ describe('a signal as the last stage starts', () => {
       return;
     }
     expect(r.log).toMatch(/\[COMPLETED\] Verify/);
-    const id = await tagTarget();
-    expect(id).not.toBe(previous);
-    await execa('docker', ['tag', previous, TAG], { env: env() });
-    await execa('docker', ['rmi', id!], { env: env() });
+    await restoreTag();
     expect(await imageIds(dockerd.host)).toEqual(baseline);
     expect(await leftovers(work)).toEqual([]);
   });
@@ -192,9 +193,10 @@ describe('a download interrupted mid-transfer', () => {
 
   /** Bytes of the download's .partial file in the cache, 0 until it exists. */
   async function partialBytes(cache: string): Promise<number> {
-    const keys = await readdir(join(cache, 'downloads')).catch(() => []);
-    if (keys.length === 0) return 0;
-    const dir = join(cache, 'downloads', keys[0]!);
+    // downloads/ holds the download's directory and, while a run holds it, its lock (KEY.lock).
+    const key = (await readdir(join(cache, 'downloads')).catch(() => [])).find((n) => !n.endsWith('.lock'));
+    if (key === undefined) return 0;
+    const dir = join(cache, 'downloads', key);
     const partial = (await readdir(dir).catch(() => [])).find((f) => f.endsWith('.partial'));
     return partial ? (await stat(join(dir, partial)).catch(() => undefined))?.size ?? 0 : 0;
   }
@@ -228,7 +230,10 @@ describe('a download interrupted mid-transfer', () => {
     const args = ['convert', url, '--cache-dir', cache, '--tag', TAG, '--workdir', work];
     // The signal goes once the partial download on disk holds some of the ISO's 1.4 MiB.
     const r = await interrupt(args, /\[STARTED\] Fetch .*\n/, signal, {}, async (child) => {
-      while ((await partialBytes(cache)) === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+      // Bounded by the run: one that ends before a byte is seen fails the assertions below instead of hanging here.
+      let ended = false;
+      void child.then(() => (ended = true));
+      while (!ended && (await partialBytes(cache)) === 0) await new Promise((resolve) => setTimeout(resolve, 10));
       child.kill(signal);
     });
     expect(r.log).not.toMatch(/\[COMPLETED\] Fetch/);
@@ -240,11 +245,10 @@ describe('a download interrupted mid-transfer', () => {
     // The partial download was kept for resuming (cache, not scratch): the rerun asked for the rest only.
     expect(resumed.length, ranges.join(', ')).toBe(1);
     expect(Number(/^bytes=(\d+)-$/.exec(resumed[0]!)?.[1])).toBeGreaterThan(0);
-    const sub = await readdir(join(cache, 'downloads'));
+    const sub = (await readdir(join(cache, 'downloads'))).filter((n) => !n.endsWith('.lock'));
+    expect(sub).toHaveLength(1);
     expect((await readdir(join(cache, 'downloads', sub[0]!))).filter((f) => f.endsWith('.partial'))).toEqual([]);
-    const id = await tagTarget();
-    await execa('docker', ['tag', previous, TAG], { env: env() });
-    await execa('docker', ['rmi', id!], { env: env() });
+    await restoreTag();
     expect(await leftovers(work)).toEqual([]);
   });
 });
@@ -325,8 +329,6 @@ describe('the daemon stopped mid-import', () => {
     const again = await runCli(['convert', mini.iso, '--engine', engine, '--tag', TAG, '--workdir', work, '--quiet'], env());
     expect(again.stderr).toBe('');
     expect(again.code).toBe(0);
-    const id = await tagTarget();
-    await execa('docker', ['tag', previous, TAG], { env: env() });
-    await execa('docker', ['rmi', id!], { env: env() });
+    await restoreTag();
   });
 });
