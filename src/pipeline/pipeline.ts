@@ -16,7 +16,7 @@ import { describeProbe, FIT_LABELS, imageFit, type ImageFit } from './probe.js';
 import { Push, type Pushed } from './push.js';
 import { registerStage, type RegisterOptions, type Registered } from './register.js';
 import type { RendererKind, StageTiming, Step } from './runner.js';
-import { rejectOnAbort, runScoped, type Scope } from './scope.js';
+import { Handoff, rejectOnAbort, runScoped, type Scope } from './scope.js';
 import type { Engine, StageContext } from './stage.js';
 import { unameShimFile } from './uname-shim.js';
 import { verify, type Verified } from './verify.js';
@@ -103,8 +103,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
 
   const d = new DiskState();
   let layer: Layer | undefined;
-  let layerReady: (l: Layer) => void = () => {};
-  const layerPromise = new Promise<Layer>((r) => (layerReady = r));
+  const exportedLayer = new Handoff<Layer>();
   let imported!: Imported;
   let verified: Verified = {};
   let registered: Registered | undefined;
@@ -129,7 +128,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
             },
           });
           layer.stream = d.untilWhole(layer.stream, ctx.signal);
-          layerReady(push ? push.tap(layer) : layer);
+          exportedLayer.set(push ? push.tap(layer) : layer);
           await Promise.race([layer.done, rejectOnAbort(ctx.signal)]);
         },
       },
@@ -138,7 +137,7 @@ export async function convertDdk(opts: ConvertOptions): Promise<ConvertResult> {
         title: output.kind === 'docker' ? 'Import into Docker' : `Write ${formatOutput(output)}`,
         run: async (ctx) => {
           // The layer comes after the probe: the platform, kernel and release are known by then.
-          const exported = await Promise.race([layerPromise, rejectOnAbort(scope.signal)]);
+          const exported = await exportedLayer.get(scope.signal);
           await d.ready.verified.get(ctx.signal);
           Object.assign(labels, {
             [LABELS.sourceName]: d.fetched.name,

@@ -7,7 +7,7 @@ import { credentialsFromEnv, parsePushRef, RegistryClient } from '../docker/regi
 import type { Layer } from './export.js';
 import { labelChange, type ImageSpec, type Imported } from './import.js';
 import { formatBytes } from './runner.js';
-import { rejectOnAbort } from './scope.js';
+import { Handoff } from './scope.js';
 import type { StageContext } from './stage.js';
 
 /**
@@ -55,8 +55,7 @@ function tee(source: Readable): [Readable, Readable] {
 }
 
 export class Push {
-  private branchReady: (b: Readable) => void = () => {};
-  private readonly branchPromise = new Promise<Readable>((r) => (this.branchReady = r));
+  private readonly branch = new Handoff<Readable>();
   private layer: { digest: string; size: number } | undefined;
 
   private constructor(private readonly client: RegistryClient) {}
@@ -75,7 +74,7 @@ export class Push {
   /** The layer for the output; the registry gets the other branch. */
   tap(layer: Layer): Layer {
     const [toOutput, toRegistry] = tee(layer.stream);
-    this.branchReady(toRegistry);
+    this.branch.set(toRegistry);
     return { stream: toOutput, done: layer.done };
   }
 
@@ -83,7 +82,7 @@ export class Push {
   async upload(ctx: StageContext): Promise<void> {
     // The run's signal has many listeners already (every stage's streams): ours go on a signal that follows it.
     const signal = AbortSignal.any([ctx.signal]);
-    const branch = await Promise.race([this.branchPromise, rejectOnAbort(signal)]);
+    const branch = await this.branch.get(signal);
     this.client.signal = signal;
     const gzip = createGzip({ level: GZIP_LEVEL, chunkSize: 1 << 18 });
     const [layer] = await Promise.all([
