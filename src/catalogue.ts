@@ -1,9 +1,7 @@
 import { randomUUID } from 'node:crypto';
-import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import lockfile from 'proper-lockfile';
+import { stat } from 'node:fs/promises';
 import { z } from 'zod';
-import { dataDir } from './datadir.js';
+import { dataFilePath, readDataFile, updateDataFile, type DataFile } from './datadir.js';
 import { connect, daemonName, imageIdOf } from './docker/daemon.js';
 import { InputError, printable } from './errors.js';
 import type { ConvertResult } from './pipeline/pipeline.js';
@@ -50,51 +48,27 @@ const CatalogueFile = z.object({ version: z.literal(1), conversions: z.array(Ent
 export type CatalogueEntry = z.infer<typeof Entry>;
 type Catalogue = z.infer<typeof CatalogueFile>;
 
-export function catalogueFile(): string {
-  return join(dataDir(), 'catalogue.json');
-}
-
-async function readCatalogue(file: string): Promise<Catalogue> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { version: 1, conversions: [] };
-    throw new InputError(file, `cannot read the catalogue: ${(err as Error).message}`, { cause: err });
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (err) {
-    throw new InputError(file, `not a ddk2docker catalogue (${(err as Error).message}); fix or remove it`, { cause: err });
-  }
-  const parsed = CatalogueFile.safeParse(json);
-  if (!parsed.success) {
+const CATALOGUE: DataFile<Catalogue> = {
+  name: 'catalogue.json',
+  title: 'the catalogue',
+  kind: 'a ddk2docker catalogue',
+  empty: () => ({ version: 1, conversions: [] }),
+  check: (json, file) => {
+    const parsed = CatalogueFile.safeParse(json);
+    if (parsed.success) return parsed.data;
     const issue = parsed.error.issues[0]!;
     throw new InputError(file, `not a ddk2docker catalogue (${issue.path.join('.') || 'top level'}: ${issue.message}); fix or remove it`);
-  }
-  return parsed.data;
+  },
+  lock: { retries: 100, minTimeout: 50, maxTimeout: 500 },
+};
+
+export function catalogueFile(): string {
+  return dataFilePath(CATALOGUE);
 }
 
-/** Change the catalogue under its lock; the new content replaces the file in one rename. */
-async function updateCatalogue(change: (c: Catalogue) => void): Promise<void> {
-  const file = catalogueFile();
-  await mkdir(dataDir(), { recursive: true });
-  const release = await lockfile.lock(file, { realpath: false, stale: 30_000, retries: { retries: 100, minTimeout: 50, maxTimeout: 500 } });
-  try {
-    const catalogue = await readCatalogue(file);
-    change(catalogue);
-    const tmp = `${file}.${process.pid}.${randomUUID()}.tmp`;
-    try {
-      await writeFile(tmp, `${JSON.stringify(catalogue, null, 2)}\n`);
-      await rename(tmp, file);
-    } catch (err) {
-      await rm(tmp, { force: true });
-      throw new InputError(file, `cannot write the catalogue: ${(err as Error).message}`, { cause: err });
-    }
-  } finally {
-    await release();
-  }
+/** Change the catalogue under its lock. */
+function updateCatalogue(change: (c: Catalogue) => void): Promise<void> {
+  return updateDataFile(CATALOGUE, (c) => (change(c), true), 'write the catalogue');
 }
 
 /** Probe results may be absent (or null in a result that went through JSON). */
@@ -168,7 +142,7 @@ async function daemonAnswers(docker: ReturnType<typeof connect>): Promise<boolea
 
 /** Every recorded conversion, oldest first, with whether its image or file is still there. */
 export async function listCatalogue(): Promise<ListedEntry[]> {
-  const { conversions } = await readCatalogue(catalogueFile());
+  const { conversions } = await readDataFile(CATALOGUE);
   const here = daemonName();
   const docker = connect();
   const reachable = conversions.some((e) => e.image && e.daemon === here) && (await daemonAnswers(docker));

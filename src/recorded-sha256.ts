@@ -1,7 +1,4 @@
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import lockfile from 'proper-lockfile';
-import { dataDir } from './datadir.js';
+import { dataFilePath, readDataFile, updateDataFile, type DataFile } from './datadir.js';
 import { InputError } from './errors.js';
 
 /**
@@ -22,40 +19,34 @@ interface RecordFile {
   sources: Record<string, RecordedSha256>;
 }
 
-export function recordedSha256File(): string {
-  return join(dataDir(), 'recorded-sha256.json');
-}
+// A damaged record must stop the run: starting over would trust whatever is fetched next.
+const RECORDS: DataFile<RecordFile> = {
+  name: 'recorded-sha256.json',
+  title: 'the recorded sha256s',
+  kind: 'a file of recorded sha256s',
+  empty: () => ({ version: 1, sources: {} }),
+  check: (json, file) => {
+    const p = json as Partial<RecordFile> | null;
+    const valid =
+      p !== null &&
+      typeof p === 'object' &&
+      p.version === 1 &&
+      typeof p.sources === 'object' &&
+      p.sources !== null &&
+      Object.values(p.sources).every((e) => typeof e?.sha256 === 'string' && /^[0-9a-f]{64}$/.test(e.sha256) && typeof e.recorded === 'string' && typeof e.pipeline === 'string');
+    if (!valid) throw new InputError(file, 'not a file of recorded sha256s (expected {"version": 1, "sources": {SOURCE: {sha256, recorded, pipeline}}}); fix or remove it');
+    return p as RecordFile;
+  },
+  lock: { retries: 300, minTimeout: 5, maxTimeout: 100 },
+};
 
-async function readRecords(file: string): Promise<RecordFile> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { version: 1, sources: {} };
-    throw new InputError(file, `cannot read the recorded sha256s: ${(err as Error).message}`, { cause: err });
-  }
-  // A damaged record must stop the run: starting over would trust whatever is fetched next.
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch (err) {
-    throw new InputError(file, `not a file of recorded sha256s (${(err as Error).message}); fix or remove it`, { cause: err });
-  }
-  const p = parsed as Partial<RecordFile> | null;
-  const valid =
-    p !== null &&
-    typeof p === 'object' &&
-    p.version === 1 &&
-    typeof p.sources === 'object' &&
-    p.sources !== null &&
-    Object.values(p.sources).every((e) => typeof e?.sha256 === 'string' && /^[0-9a-f]{64}$/.test(e.sha256) && typeof e.recorded === 'string' && typeof e.pipeline === 'string');
-  if (!valid) throw new InputError(file, 'not a file of recorded sha256s (expected {"version": 1, "sources": {SOURCE: {sha256, recorded, pipeline}}}); fix or remove it');
-  return p as RecordFile;
+export function recordedSha256File(): string {
+  return dataFilePath(RECORDS);
 }
 
 /** The sha256 recorded for a source, if any. Writes are atomic renames, so no lock is needed to read. */
 export async function recordedSha256(source: string): Promise<RecordedSha256 | undefined> {
-  return (await readRecords(recordedSha256File())).sources[source];
+  return (await readDataFile(RECORDS)).sources[source];
 }
 
 /**
@@ -64,24 +55,16 @@ export async function recordedSha256(source: string): Promise<RecordedSha256 | u
  * pipelines running at once do not lose each other's entries.
  */
 export async function recordSha256(source: string, entry: RecordedSha256): Promise<RecordedSha256> {
-  const file = recordedSha256File();
-  await mkdir(dataDir(), { recursive: true });
-  const release = await lockfile.lock(file, { realpath: false, stale: 30_000, retries: { retries: 300, minTimeout: 5, maxTimeout: 100 } });
-  try {
-    const records = await readRecords(file);
-    const existing = records.sources[source];
-    if (existing) return existing;
-    records.sources[source] = entry;
-    const tmp = `${file}.${process.pid}.tmp`;
-    try {
-      await writeFile(tmp, `${JSON.stringify(records, null, 2)}\n`);
-      await rename(tmp, file);
-    } catch (err) {
-      await rm(tmp, { force: true });
-      throw new InputError(file, `cannot record the sha256 of ${source}: ${(err as Error).message}`, { cause: err });
-    }
-    return entry;
-  } finally {
-    await release();
-  }
+  let kept = entry;
+  await updateDataFile(
+    RECORDS,
+    (records) => {
+      const existing = records.sources[source];
+      if (existing) kept = existing;
+      else records.sources[source] = entry;
+      return !existing;
+    },
+    `record the sha256 of ${source}`,
+  );
+  return kept;
 }
