@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { compareManifests, type Manifest, type ManifestEntry } from '../../src/manifest.js';
 import { leftovers, runCli } from '../helpers/cli.js';
 import { startDockerd, type Dockerd } from '../helpers/dockerd.js';
+import { elf386 } from '../helpers/elf.js';
 import { buildFixture, rootOracleTar, type FixtureInfo } from '../helpers/fixtures.js';
 import { manifestOfTarFile, savedLayerManifest } from '../helpers/images.js';
 
@@ -21,17 +22,6 @@ const KERNEL_64 = '4.19.0+1';
 const KERNEL_32 = '2.6.32.43-0.4.1.xs1.8.0.835.170778xen';
 const SHIM = 'usr/local/bin/uname';
 const DOCKER_MTIME = 1_000_000_000n;
-
-/** The 52-byte header of a 32-bit x86 executable: ELFCLASS32, ELFDATA2LSB, ET_EXEC, EM_386. */
-function elf386(): Buffer {
-  const h = Buffer.alloc(52);
-  Buffer.from([0x7f, 0x45, 0x4c, 0x46, 1, 1, 1]).copy(h);
-  h.writeUInt16LE(2, 16);
-  h.writeUInt16LE(3, 18);
-  h.writeUInt32LE(1, 20);
-  h.writeUInt16LE(52, 40);
-  return h;
-}
 
 type Node = { file: Buffer | string; mode?: number } | { symlink: string } | { dir: true };
 

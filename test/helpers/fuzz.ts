@@ -1324,6 +1324,19 @@ export const OVA_XML = `<?xml version="1.0" ?>
 </appliance>
 `;
 
+/** Recompute every tar header's chksum (the 8 bytes at 148 counted as spaces), so field changes reach the parser behind it. */
+function tarChecksumFix(regions: Region[]): (img: Image) => void {
+  return (img) => {
+    for (const r of regions.filter((x) => x.kind === 'header' && x.start + 512 <= img.size)) {
+      const h = img.get(r.start, 512);
+      h.fill(0x20, 148, 156);
+      let sum = 0;
+      for (const b of h) sum += b;
+      img.set(r.start + 148, Buffer.from(`${sum.toString(8).padStart(6, '0')}\0 `, 'latin1'));
+    }
+  };
+}
+
 /** A tar as packTree writes it, with pax records (long and non-ASCII names, xattrs), links and devices. */
 async function tarTarget(): Promise<Target> {
   const e = (path: string, type: TreeEntry['type'], extra: Partial<TreeEntry> = {}): TreeEntry => ({
@@ -1357,16 +1370,7 @@ async function tarTarget(): Promise<Target> {
   }
   return {
     name: 'tar/headers', input: 'layer.tar', base, regions, all: regions, pointers: { byte: [0, 512, 1024, base.length] },
-    // The header checksum, so that field changes reach the parser behind it.
-    fix: (img) => {
-      for (const r of regions.filter((x) => x.kind === 'header' && x.start + 512 <= img.size)) {
-        const h = img.get(r.start, 512);
-        h.fill(0x20, 148, 156);
-        let sum = 0;
-        for (const b of h) sum += b;
-        img.set(r.start + 148, Buffer.from(`${sum.toString(8).padStart(6, '0')}\0 `, 'latin1'));
-      }
-    },
+    fix: tarChecksumFix(regions),
     run: tarPipeline,
   };
 }
@@ -1395,15 +1399,7 @@ async function xva2Targets(disk: string, dir: string): Promise<Target[]> {
     if (size) regions.push({ kind, start: off + 512, length: kind === 'block' ? Math.min(size, 4096) : size, fields: [] });
     off += 512 + Math.ceil(size / 512) * 512;
   }
-  const fix = (img: Image) => {
-    for (const r of regions.filter((x) => x.kind === 'header' && x.start + 512 <= img.size)) {
-      const h = img.get(r.start, 512);
-      h.fill(0x20, 148, 156);
-      let sum = 0;
-      for (const b of h) sum += b;
-      img.set(r.start + 148, Buffer.from(`${sum.toString(8).padStart(6, '0')}\0 `, 'latin1'));
-    }
-  };
+  const fix = tarChecksumFix(regions);
   const pointers = { byte: uniquePointers([0, 512, 1024, 1 << 20, base.length]) };
   const target = (name: string, kinds: string[]): Target => ({ name, input: 'disk.xva', base, regions: regions.filter((r) => kinds.includes(r.kind)), all: regions, pointers, fix, run: xva2Pipeline });
   return [

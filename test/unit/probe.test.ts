@@ -9,21 +9,11 @@ import { FileSource } from '../../src/formats/source.js';
 import { appendToTar, packTree, readTar, type AddedFile, type TreeEntry } from '../../src/formats/tar.js';
 import { chooseKernel, compareVersions, extTree, imageFit, mountTree, probeRoot, type RootProbe } from '../../src/pipeline/probe.js';
 import { unameShimFile, unameShimScript } from '../../src/pipeline/uname-shim.js';
+import { elf386 } from '../helpers/elf.js';
 import { HOST_TAR_ARGS, gnuTar, makeImage, makeTemp, withMount } from '../helpers/extfixtures.js';
 
 const NS = 1_000_000_000n;
 const KERNEL = '2.6.32.43-0.4.1.xs1.8.0.835.170778xen';
-
-/** The 52-byte header of a 32-bit x86 executable: e_ident ELFCLASS32/ELFDATA2LSB, e_type ET_EXEC, e_machine EM_386. */
-function elf386(): Buffer {
-  const h = Buffer.alloc(52);
-  Buffer.from([0x7f, 0x45, 0x4c, 0x46, 1, 1, 1]).copy(h);
-  h.writeUInt16LE(2, 16);
-  h.writeUInt16LE(3, 18);
-  h.writeUInt32LE(1, 20);
-  h.writeUInt16LE(52, 40);
-  return h;
-}
 
 let tmp: string;
 let content: string;
