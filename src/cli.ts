@@ -322,9 +322,20 @@ withXapiFlags(
   else process.stdout.write(`${action} ${container}: done\n`);
 });
 
+// The event loop ran dry with the command unfinished (a promise that nothing can settle any more):
+// that must never pass for success, whatever Node would exit with.
+let finished = false;
+process.once('beforeExit', () => {
+  if (finished) return;
+  process.stderr.write('ddk2docker: internal error: the command stopped before it finished\n');
+  process.exitCode = 1;
+});
+
 try {
   await program.parseAsync();
+  finished = true;
 } catch (err) {
+  finished = true;
   const e = err as Error;
   const msg = (e.message || String(err)).split('\n')[0];
   process.stderr.write(`ddk2docker: ${msg}\n`);

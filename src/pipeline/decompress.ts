@@ -17,13 +17,18 @@ export interface Decompressed {
   streamSize: number;
 }
 
-/** Run `fn` over items, at most `limit` at a time; the first failure stops the rest. */
+/**
+ * Run `fn` over items, at most `limit` at a time; the first failure stops the rest. An abort stops
+ * it too and rejects: items never started must not pass for done (a run failing in another stage
+ * before any chunk started once left the disk's size unknown forever, and the process exited 0).
+ */
 async function pool<T>(items: T[], limit: number, signal: AbortSignal, fn: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
   const worker = async () => {
     while (next < items.length && !signal.aborted) await fn(items[next++]!);
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (signal.aborted) throw signal.reason;
 }
 
 function checkChunkSize(size: number, isLast: boolean, input: string): void {
