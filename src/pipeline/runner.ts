@@ -85,6 +85,8 @@ export async function runSteps(
     // Notes (which fallback was taken, what was found) stay on screen after the stage ends.
     rendererOptions: { persistentOutput: true } as never,
     task: async (_: unknown, t: ListrTaskWrapper<unknown, never, never>) => {
+      // An interrupted run starts nothing more; runScoped reports the interruption.
+      if (base.signal.aborted) return t.skip('stopped');
       const progress = new Progress();
       const notes: string[] = [];
       const started = performance.now();
@@ -108,16 +110,21 @@ export async function runSteps(
       };
       const run = spec.run(ctx).then(() => holdForTest(spec.name, ctx));
       running.add(run);
+      let stopped = false;
       try {
         await run;
       } catch (err) {
+        // A stage that only stopped because another failed (or the run was interrupted) is shown
+        // as stopped: the failure is reported once, by the stage it happened in.
+        stopped = base.signal.aborted && err === base.signal.reason;
         base.abort(err);
-        throw err;
+        if (!stopped) throw err;
       } finally {
         running.delete(run);
         clearInterval(timer);
         timings.push({ name: spec.name, seconds: Math.round(elapsed() * 1000) / 1000, bytes: progress.done });
       }
+      if (stopped) return t.skip('stopped');
       const rate = progress.done > 0 ? ` (${formatBytes(progress.done)} in ${elapsed().toFixed(1)} s)` : ` (${elapsed().toFixed(1)} s)`;
       t.title = `${spec.title}${rate}`;
       if (tty) t.output = notes.join('\n');
