@@ -31,12 +31,12 @@ function printJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v), 2)}\n`);
 }
 
-function summary(r: ConvertResult): string {
+/** `seconds`: wall time; the stages overlap, so their times do not add up to it. */
+function summary(r: ConvertResult, seconds: number): string {
   const where = r.image ? `image ${r.image.tag ?? r.image.id}${r.image.tag ? ` (${r.image.id.slice(0, 19)})` : ''}` : r.path ?? r.output;
-  const total = r.stages.reduce((s, t) => s + t.seconds, 0);
   const pushed = r.pushed ? `; pushed ${r.pushed.ref}@${r.pushed.digest}` : '';
   const domain = r.libvirt ? `\ndomain ${r.libvirt.name}: ${r.libvirt.domainXml} (boots ${r.libvirt.init}; virsh -c lxc:/// define it)` : '';
-  return `${where}: ${r.files} entries, ${formatBytes(r.bytes)}, ${r.diffId} in ${total.toFixed(1)} s${pushed}${domain}`;
+  return `${where}: ${r.files} entries, ${formatBytes(r.bytes)}, ${r.diffId} in ${seconds.toFixed(1)} s${pushed}${domain}`;
 }
 
 /**
@@ -164,6 +164,7 @@ withRunFlags(withSourceFlags(program.command('convert')))
     if (o.xapi && !o.registerVm) throw new InvalidArgumentError('--xapi goes with --register-vm UUID');
     if (o.waitMonitoring !== undefined && !o.registerVm) throw new InvalidArgumentError('--wait-monitoring goes with --register-vm UUID');
     if (o.pushInsecure && !o.push) throw new InvalidArgumentError('--push-insecure goes with --push REGISTRY/REPO:TAG');
+    const started = performance.now();
     const result = await withSignals((signal) =>
       convertDdk({
         source,
@@ -197,7 +198,7 @@ withRunFlags(withSourceFlags(program.command('convert')))
     );
     if (o.json) printJson(result);
     else {
-      process.stdout.write(`${summary(result)}\n`);
+      process.stdout.write(`${summary(result, (performance.now() - started) / 1000)}\n`);
       for (const w of result.libvirt?.warnings ?? []) process.stderr.write(`ddk2docker: warning: ${w}\n`);
     }
   });

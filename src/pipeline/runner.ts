@@ -116,7 +116,7 @@ export async function runSteps(
       } catch (err) {
         // A stage that only stopped because another failed (or the run was interrupted) is shown
         // as stopped: the failure is reported once, by the stage it happened in.
-        stopped = base.signal.aborted && err === base.signal.reason;
+        stopped = base.signal.aborted && (err === base.signal.reason || (err as Error)?.name === 'AbortError');
         base.abort(err);
         if (!stopped) throw err;
       } finally {
