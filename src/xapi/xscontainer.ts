@@ -282,11 +282,14 @@ export async function waitMonitoring(options: WaitMonitoringOptions): Promise<Wa
       const config = await otherConfig(session, ref);
       if (config[MONITOR_KEY] !== 'True') throw notMonitored(session, options.vm, config);
       seen = readDockerPs(config, options.vm);
-      const match = seen?.find((container) => fromImage(container, images));
+      const matches = seen?.filter((container) => fromImage(container, images)) ?? [];
+      const left = deadline - Date.now();
+      // `docker run` creates, then starts: a container caught in between is reported once it has
+      // started, unless time runs out (then it is what there is, e.g. one only `docker create`d).
+      const match = matches.find((container) => container.state !== 'created') ?? (left <= 0 ? matches[0] : undefined);
       if (match !== undefined) {
         return { vm: options.vm, xapi: session.url, container: match, seconds: (Date.now() - started) / 1000 };
       }
-      const left = deadline - Date.now();
       if (left <= 0) break;
       try {
         await sleep(Math.min(intervalMs, left), undefined, { signal: options.signal });

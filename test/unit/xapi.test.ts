@@ -231,6 +231,27 @@ describe('listContainers and waitMonitoring', () => {
     expectClean(s);
   });
 
+  it('reports a container caught between docker run\'s create and start once it runs; a created-only one when time runs out', async () => {
+    const s = await standin();
+    const config = s.vms.get(s.vmUuid)!.otherConfig;
+    config['xscontainer-monitor'] = 'True';
+    const created = psEntry({ State: 'created', Status: 'Created' });
+    config.docker_ps = dockerPsXml([created]);
+    const later = setTimeout(() => (config.docker_ps = dockerPsXml([psEntry()])), 1000);
+    try {
+      const result = await waitMonitoring({ xapi: s.url, vm: s.vmUuid, env: env(s), image: IMAGE_ID, timeoutSeconds: 20, intervalSeconds: 0.2 });
+      expect(result.container).toMatchObject({ id: CONTAINER_ID, state: 'running', status: 'Up' });
+      expect(result.seconds).toBeGreaterThanOrEqual(0.9);
+    } finally {
+      clearTimeout(later);
+    }
+    config.docker_ps = dockerPsXml([created]);
+    const onlyCreated = await waitMonitoring({ xapi: s.url, vm: s.vmUuid, env: env(s), image: IMAGE_ID, timeoutSeconds: 1, intervalSeconds: 0.2 });
+    expect(onlyCreated.container).toMatchObject({ id: CONTAINER_ID, state: 'created', status: 'Created' });
+    expect(onlyCreated.seconds).toBeGreaterThanOrEqual(1);
+    expectClean(s);
+  });
+
   it('fails clearly when the time runs out, and logs out', async () => {
     const s = await standin();
     const config = s.vms.get(s.vmUuid)!.otherConfig;
