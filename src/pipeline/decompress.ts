@@ -7,6 +7,7 @@ import { GrowingFile } from '../formats/growing.js';
 import { CHUNK_SIZE } from '../formats/xva.js';
 import { tool, toolError } from '../host/exec.js';
 import type { Chunk, Extracted } from './extract.js';
+import { inflateChoice, isalInflater } from './inflate-isal.js';
 import type { InflateIn, InflateJob, InflateOut } from './inflate-worker.js';
 import type { StageContext } from './stage.js';
 
@@ -210,8 +211,10 @@ export async function startDecompress(ctx: StageContext, extracted: Extracted, i
   const path = join(ctx.workdir, 'disk.img');
   const fh = await open(path, 'w+');
   ctx.cleanup.defer(`close ${path}`, () => fh.close().catch(() => undefined));
-  const gunzip = inflater(ctx, fh);
   const { chunks } = extracted;
+  const choice = inflateChoice();
+  // ISA-L reads each chunk from the ISO file itself; zlib takes it from the chunk's stream.
+  const gunzip = choice.kind === 'isal' && chunks.every((c) => c.location) ? isalInflater(ctx, fh, choice.addon) : inflater(ctx, fh);
   ctx.progress.total = chunks.length * CHUNK_SIZE;
   const last = chunks[chunks.length - 1]!;
   let sized!: (n: number) => void;

@@ -7,6 +7,12 @@ import { openHostIso, type HostIso } from '../host/iso.js';
 import { isoMethod, probeFacilities } from '../host/facilities.js';
 import type { StageContext } from './stage.js';
 
+/** Where a chunk's bytes lie in a local file: these byte ranges of `path`, concatenated. */
+export interface ChunkLocation {
+  path: string;
+  extents: { offset: number; length: number }[];
+}
+
 /** extract: find ova.xml and the disk's chunk files inside the ISO. */
 export interface Chunk {
   index: number;
@@ -15,6 +21,8 @@ export interface Chunk {
   offset: number;
   /** A path to read it from, when the ISO is mounted. */
   path?: string;
+  /** Its bytes inside the ISO file, for readers that take them from there themselves. */
+  location?: ChunkLocation;
   open(): Readable;
 }
 
@@ -40,6 +48,7 @@ interface IsoAccess {
   readFile(path: string): Promise<Buffer>;
   open(path: string): Readable;
   pathOf?(p: string): string | undefined;
+  locate?(p: string): Promise<ChunkLocation>;
 }
 
 async function locate(iso: IsoAccess, isoName: string): Promise<Extracted> {
@@ -61,7 +70,7 @@ async function locate(iso: IsoAccess, isoName: string): Promise<Extracted> {
   const chunks: Chunk[] = [];
   for (const c of layout) {
     const p = `${chunkDir}/${c.name}`;
-    chunks.push({ index: c.index, name: c.name, offset: c.offset, path: iso.pathOf?.(p), open: () => iso.open(p) });
+    chunks.push({ index: c.index, name: c.name, offset: c.offset, path: iso.pathOf?.(p), location: await iso.locate?.(p), open: () => iso.open(p) });
   }
   return { ova, chunkDir, chunks };
 }
@@ -86,6 +95,7 @@ async function builtinAccess(ctx: StageContext, isoPath: string, isoName: string
       return file.read(0, file.size);
     },
     open: (p) => Readable.from(readAll(async () => iso.open(await entry(p))), { objectMode: false }),
+    locate: async (p) => ({ path: isoPath, extents: (await entry(p)).extents.map((e) => ({ offset: e.offset, length: e.length })) }),
   };
 }
 
