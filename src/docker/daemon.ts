@@ -1,12 +1,16 @@
 import { PassThrough, Readable } from 'node:stream';
-import Docker from 'dockerode';
+import { createRequire } from 'node:module';
+import type Docker from 'dockerode';
 import { EnvironmentError, throwIfAborted } from '../errors.js';
 import { tarHeader } from './archive.js';
 import { canonicalJson, imageConfig, parseTag, sha256Digest, type Architecture, type ContainerConfig } from './image.js';
 
 /** The Docker daemon at DOCKER_HOST (or the default socket), through dockerode. */
 export function connect(): Docker {
-  return new Docker();
+  // Required when first needed: dockerode and its dependencies (ssh2, gRPC) take longer to load
+  // than the rest of the CLI, and the file outputs never use them.
+  const Dockerode = createRequire(import.meta.url)('dockerode') as typeof Docker;
+  return new Dockerode();
 }
 
 export function daemonName(): string {

@@ -1,6 +1,6 @@
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import got, { RequestError, type Method, type Response } from 'got';
+import type { Method, Response } from 'got';
 import { CancelledError, InputError } from '../errors.js';
 import { parseTag, sha256Digest } from './image.js';
 import { Digester } from './rootfs.js';
@@ -121,7 +121,7 @@ export class RegistryClient {
       res = await client.raw('GET', `${client.base}/v2/`, {});
     } catch (err) {
       // An insecure registry that speaks plain HTTP answers a TLS hello with garbage or a reset.
-      if (!insecure || !(err instanceof RequestError) || !TLS_FAILURES.has(err.code)) throw client.failure(err);
+      if (!insecure || !(err instanceof (await import('got')).RequestError) || !TLS_FAILURES.has(err.code)) throw client.failure(err);
       const plain = new RegistryClient(ref, `http://${host}`, opts.credentials, insecure);
       plain.signal = signal;
       return plain.authenticate(await plain.raw('GET', `${plain.base}/v2/`, {}).catch((e: unknown) => {
@@ -184,7 +184,9 @@ export class RegistryClient {
   }
 
   /** One HTTP exchange, no auth, no status handling; errors are got's. */
-  private raw(method: Method, url: string, send: Omit<Send, 'ok'>): Promise<Response<string>> {
+  private async raw(method: Method, url: string, send: Omit<Send, 'ok'>): Promise<Response<string>> {
+    // Loaded when first needed: got (and dockerode) are most of the CLI's start-up time.
+    const { default: got } = await import('got');
     return got(url, {
       method,
       headers: send.headers ?? {},

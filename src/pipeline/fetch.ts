@@ -4,7 +4,6 @@ import { mkdir, rename, stat, writeFile, readFile, unlink } from 'node:fs/promis
 import { basename, join, resolve } from 'node:path';
 import { Transform, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import got from 'got';
 import lockfile from 'proper-lockfile';
 import { CancelledError, InputError } from '../errors.js';
 import type { StageContext } from './stage.js';
@@ -151,6 +150,7 @@ async function fetchUrl(ctx: StageContext, url: string, opts: FetchOptions): Pro
 }
 
 async function downloadOnce(ctx: StageContext, url: string, partial: string, have: number): Promise<void> {
+  const { default: got } = await import('got');
   const request = got.stream(url, {
     headers: have > 0 ? { range: `bytes=${have}-` } : {},
     retry: { limit: 0 },
