@@ -18,4 +18,5 @@ USER 65534:65534
 # nobody's home (/nonexistent) does not exist: cache and data directories go under /tmp.
 ENV HOME=/tmp
 # No CMD: without arguments the CLI prints its usage.
-ENTRYPOINT ["node", "/opt/ddk2docker/dist/cli.js"]
+# The flag of dist/cli.js's #! line, which `node FILE` does not read.
+ENTRYPOINT ["node", "--max-semi-space-size=4", "/opt/ddk2docker/dist/cli.js"]

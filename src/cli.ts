@@ -1,4 +1,7 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=4
+// A young generation of 2 × 4 MiB, not Node's 2 × 16 (and more) on a large machine: the layer's
+// buffers die young, and a small nursery is collected often, so they are freed soon; peak RSS of a
+// 2 GB conversion 205-215 -> 160-185 MiB, wall time unchanged. The Dockerfile passes it too.
 import { Argument, Command, InvalidArgumentError, Option } from 'commander';
 import { doctor, type Check } from './doctor.js';
 import { CancelledError, printable } from './errors.js';

@@ -16,6 +16,13 @@ export interface Source {
    * naming the source: a reader never trusts an on-disk offset.
    */
   read(position: number, length: number): Promise<Buffer>;
+  /**
+   * The same bytes at once, when this source can give them without waiting (a scratch file
+   * written moments ago is in the page cache); undefined when it cannot, and `read` must be used.
+   * Small reads are most of an export, and a promise and a trip through libuv's thread pool cost
+   * far more than the copy they carry.
+   */
+  readSync?(position: number, length: number): Buffer | undefined;
   close(): Promise<void>;
 }
 
@@ -76,6 +83,11 @@ export class SliceSource implements Source {
   async read(position: number, length: number): Promise<Buffer> {
     checkRange(this, position, length);
     return this.parent.read(this.offset + position, length);
+  }
+
+  readSync(position: number, length: number): Buffer | undefined {
+    checkRange(this, position, length);
+    return this.parent.readSync?.(this.offset + position, length);
   }
 
   async close(): Promise<void> {}

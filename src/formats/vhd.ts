@@ -265,6 +265,11 @@ class FixedVhdSource implements VhdSource {
     return this.file.read(position, length);
   }
 
+  readSync(position: number, length: number): Buffer | undefined {
+    checkReadRange(this, position, length);
+    return this.file.readSync?.(position, length);
+  }
+
   async *allocatedRanges(): AsyncIterable<ByteRange> {
     if (this.size > 0) yield { offset: 0, length: this.size };
   }

@@ -93,7 +93,7 @@ describe('the ddk2docker image', () => {
   it('runs as uid 65534 with the CLI as entrypoint and production dependencies only', async () => {
     const image = JSON.parse((await docker(['image', 'inspect', IMAGE])).stdout)[0];
     expect(image.Config.User).toBe('65534:65534');
-    expect(image.Config.Entrypoint).toEqual(['node', '/opt/ddk2docker/dist/cli.js']);
+    expect(image.Config.Entrypoint).toEqual(['node', '--max-semi-space-size=4', '/opt/ddk2docker/dist/cli.js']);
     const { stdout } = await docker(['run', '--rm', '--network', 'none', '--entrypoint', 'ls', IMAGE, '/opt/ddk2docker/node_modules']);
     const modules = stdout.split('\n');
     expect(modules).toEqual(expect.arrayContaining(['commander', 'dockerode', 'got']));

@@ -129,7 +129,7 @@ export class ExtFileSystem {
       checkBlocks,
       readBlocks: async (block, count, what) => {
         checkBlocks(block, count, what);
-        return source.read(block * sb.blockSize, count * sb.blockSize);
+        return source.readSync?.(block * sb.blockSize, count * sb.blockSize) ?? source.read(block * sb.blockSize, count * sb.blockSize);
       },
     };
   }
@@ -374,6 +374,9 @@ export class ExtFileSystem {
 
   /** Bytes of file data; see SMALL_READ. */
   private readData(position: number, length: number): Promise<Buffer> {
+    // A source that has the bytes at hand gives them at once: no window needed.
+    const now = length <= SMALL_READ ? this.source.readSync?.(position, length) : undefined;
+    if (now) return Promise.resolve(now);
     const sequential = position >= this.lastReadEnd && position - this.lastReadEnd < SMALL_READ;
     this.lastReadEnd = position + length;
     if (length > SMALL_READ) return this.source.read(position, length);
