@@ -54,11 +54,14 @@ typedef struct {
   char message[200];
 } event_t;
 
-static void job_unref(job_t *job) {
-  if (atomic_fetch_sub(&job->refs, 1) != 1) return;
+static void job_free(job_t *job) {
   free(job->path);
   free(job->extents);
   free(job);
+}
+
+static void job_unref(job_t *job) {
+  if (atomic_fetch_sub(&job->refs, 1) == 1) job_free(job);
 }
 
 static void post(job_t *job, const char *kind, double value, const char *message) {
@@ -289,9 +292,7 @@ static napi_value start(napi_env env, napi_callback_info info) {
   job->path = malloc(path_len + 1);
   job->extents = calloc(n_extents ? n_extents : 1, sizeof *job->extents);
   if (!job->path || !job->extents) {
-    free(job->path);
-    free(job->extents);
-    free(job);
+    job_free(job);
     return throw_type(env, "out of memory");
   }
   napi_get_value_string_utf8(env, argv[0], job->path, path_len + 1, NULL);
@@ -300,9 +301,7 @@ static napi_value start(napi_env env, napi_callback_info info) {
     napi_get_element(env, argv[1], i, &pair);
     if (napi_get_element(env, pair, 0, &off) != napi_ok || napi_get_element(env, pair, 1, &len) != napi_ok ||
         !get_u64(env, off, &job->extents[i].offset) || !get_u64(env, len, &job->extents[i].length)) {
-      free(job->path);
-      free(job->extents);
-      free(job);
+      job_free(job);
       return throw_type(env, "each extent must be [offset, length]");
     }
   }
@@ -315,9 +314,7 @@ static napi_value start(napi_env env, napi_callback_info info) {
   napi_value name;
   napi_create_string_utf8(env, "isal_inflate", NAPI_AUTO_LENGTH, &name);
   if (napi_create_threadsafe_function(env, argv[5], NULL, name, 0, 1, NULL, NULL, NULL, call_js, &job->tsfn) != napi_ok) {
-    free(job->path);
-    free(job->extents);
-    free(job);
+    job_free(job);
     return throw_type(env, "onEvent must be a function");
   }
   napi_value handle, fn;

@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
-import { constants } from 'node:os';
 import { fileURLToPath } from 'node:url';
+import { getSystemErrorName } from 'node:util';
 import { EnvironmentError, InputError } from '../errors.js';
 import { CHUNK_SIZE } from '../formats/xva.js';
 import type { FileHandle } from 'node:fs/promises';
@@ -44,8 +44,6 @@ export function inflateChoice(): InflateChoice {
   return cached;
 }
 
-const ERRNO_NAMES = new Map(Object.entries(constants.errno).map(([name, n]) => [n, name]));
-
 /**
  * The inflater of one run over the scratch file `fh`: `chunk` gunzips one chunk from where it lies
  * (its `location`) and resolves with its decompressed size; `stop` cancels the chunks still running and waits for
@@ -82,7 +80,7 @@ export function isalInflater(ctx: StageContext, fh: FileHandle, addon: Addon): {
       else if (kind === 'overflow') settle.reject(new InputError(input, `decompresses to more than the ${CHUNK_SIZE}-byte chunk size`));
       else if (kind === 'input') settle.reject(new InputError(input, message));
       else if (kind === 'cancelled') settle.reject(ctx.signal.reason ?? new Error('the gunzip was cancelled'));
-      else settle.reject(Object.assign(new Error(message), { code: ERRNO_NAMES.get(value) }));
+      else settle.reject(Object.assign(new Error(message), value > 0 ? { code: getSystemErrorName(-value) } : {}));
     };
     const extents = location.extents.map((e): [number, number] => [e.offset, e.length]);
     const handle = addon.start(location.path, extents, fh.fd, offset, CHUNK_SIZE, onEvent);

@@ -129,7 +129,8 @@ export class ExtFileSystem {
       checkBlocks,
       readBlocks: async (block, count, what) => {
         checkBlocks(block, count, what);
-        return source.readSync?.(block * sb.blockSize, count * sb.blockSize) ?? source.read(block * sb.blockSize, count * sb.blockSize);
+        const [position, length] = [block * sb.blockSize, count * sb.blockSize];
+        return source.readSync?.(position, length) ?? source.read(position, length);
       },
     };
   }
