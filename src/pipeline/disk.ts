@@ -32,6 +32,20 @@ export class DiskState {
   readonly ready = { fetched: new Handoff<void>(), verified: new Handoff<void>(), extracted: new Handoff<void>(), disk: new Handoff<void>(), raw: new Handoff<void>(), root: new Handoff<void>() };
   /** Settles when the disk is whole: decompress has written and checked every chunk. */
   readonly whole = new Handoff<void>();
+  /** The builtin engine's decompress, while the disk is read as it is written. */
+  decompressing: Promise<void> | undefined;
+
+  /**
+   * What to report for a stage that failed on the disk's contents: a reader of the disk while it
+   * is decompressed can meet a chunk's corrupt bytes before the chunk's own check does (its CRC
+   * comes at its end), and its complaint about a directory or a partition table is then only a
+   * symptom. The decompress is let finish, and its own failure, the cause, is reported instead.
+   */
+  async causeOf(err: unknown): Promise<unknown> {
+    if (!(err instanceof InputError) || !this.decompressing) return err;
+    const failure = await this.decompressing.then(() => undefined, (e: unknown) => e);
+    return failure instanceof InputError ? failure : err;
+  }
 
   /**
    * The layer, ending only once the disk is whole: read while the disk is decompressed, it could
@@ -127,6 +141,7 @@ export function diskSteps(s: DiskState, opts: DiskOptions, then?: { engine: Engi
           if (ctx.engine === 'builtin') {
             // The disk is handed on as soon as its length is known; readers wait for the bytes they need.
             const d = await startDecompress(ctx, s.extracted, s.fetched.name);
+            s.decompressing = d.done;
             s.disk = { path: d.path, name, owned: true, growing: { file: d.file, size: await d.streamSize } };
             s.ready.disk.set();
             await d.done;
@@ -158,5 +173,20 @@ export function diskSteps(s: DiskState, opts: DiskOptions, then?: { engine: Engi
     },
   ];
   if (!then) return stages;
-  return then.engine === 'builtin' ? [[...stages, ...then.stages]] : [...stages, then.stages];
+  return then.engine === 'builtin' ? [[...stages, ...then.stages].map((stage) => readingDisk(s, stage))] : [...stages, then.stages];
+}
+
+/** A stage whose failure may be a symptom of a corrupt chunk reports the cause (DiskState.causeOf). */
+function readingDisk(s: DiskState, stage: StageSpec): StageSpec {
+  if (stage.name === 'fetch' || stage.name === 'extract' || stage.name === 'decompress') return stage;
+  return {
+    ...stage,
+    run: async (ctx) => {
+      try {
+        await stage.run(ctx);
+      } catch (err) {
+        throw await s.causeOf(err);
+      }
+    },
+  };
 }

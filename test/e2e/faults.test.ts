@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { patch, readAt } from '../helpers/bytes.js';
 import { leftovers } from '../helpers/cli.js';
 import { startDockerd, type Dockerd } from '../helpers/dockerd.js';
+import { buildFixture } from '../helpers/fixtures.js';
 import { buildMiniDdk, debugfsWrite, expectOneLine, inodeOffset, isoFrom, ovaXml, runBounded, type MiniDdk } from '../helpers/faults.js';
 import { imageIds } from '../helpers/images.js';
 
@@ -93,6 +94,15 @@ beforeAll(async () => {
     await patch(p, (await stat(p)).size - 8, Buffer.from('dead', 'latin1'));
   });
   await isoVariant('gzip-cut.iso', async (t) => truncate(join(t, CHUNK), Math.floor((await stat(join(t, CHUNK))).size / 2)));
+  // Garbled early in a 1 GB chunk (the default fixture's): the builtin engine's readers meet the
+  // garbage (a broken directory) long before the chunk's CRC, at its end, and must still report
+  // the chunk, not the file system the garbage made.
+  const big = await buildFixture();
+  const garbled = join(dir, 'gzip-garbled.d');
+  await cp(join(big.dir, 'iso'), garbled, { recursive: true });
+  await patch(join(garbled, CHUNK), Math.floor((await stat(join(garbled, CHUNK))).size / 10), Buffer.from('\xde\xad\xbe\xef\xde\xad\xbe\xef', 'latin1'));
+  files['gzip-garbled.iso'] = join(dir, 'gzip-garbled.iso');
+  await isoFrom(garbled, files['gzip-garbled.iso']);
 
   // VHD: footer (Checksum at 64, Data Offset at 16), dynamic header (Checksum at 36, Table Offset at 16), BAT.
   const dynamic = join(dir, 'dynamic.vhd');
@@ -166,6 +176,7 @@ const CASES: [string, Engine[], RegExp][] = [
   ['gzip-crc.iso', ['builtin'], /^ddk2docker: gzip-crc\.iso:ddk\/xvda\/chunk-000000000\.gz: corrupt gzip data: incorrect data check$/],
   ['gzip-crc.iso', ['host'], /^ddk2docker: gzip-crc\.iso:ddk\/xvda\/chunk-000000000\.gz: corrupt gzip data: invalid compressed data--crc error$/],
   ['gzip-cut.iso', ['builtin', 'host'], /^ddk2docker: gzip-cut\.iso:ddk\/xvda\/chunk-000000000\.gz: corrupt gzip data: unexpected end of file$/],
+  ['gzip-garbled.iso', ['builtin', 'host'], /^ddk2docker: gzip-garbled\.iso:ddk\/xvda\/chunk-000000000\.gz: corrupt gzip data: /],
   ['fixed-footer.vhd', ['builtin', 'host'], /^ddk2docker: fixed-footer\.vhd: VHD footer checksum mismatch \(footer at offset \d+: stored 0x00000001, computed 0x[0-9a-f]{8}\)$/],
   ['dynamic-footers.vhd', ['builtin', 'host'], /^ddk2docker: dynamic-footers\.vhd: VHD footer checksum mismatch/],
   ['dynamic-header.vhd', ['builtin', 'host'], /^ddk2docker: dynamic-header\.vhd: VHD dynamic disk header checksum mismatch \(stored 0x00000001/],
