@@ -3,6 +3,7 @@ import { libvirtLxcCheck } from './docker/libvirt.js';
 import { run } from './host/exec.js';
 import { isoMethod, partitionMethod, probeFacilities, type Facilities } from './host/facilities.js';
 import { inflateChoice } from './pipeline/inflate-isal.js';
+import { sha256Choice } from './stream-sha256.js';
 
 /** What works on this machine, and why not: the answer to "which engine and output can I use here?" */
 export interface Check {
@@ -63,11 +64,17 @@ export async function doctor(): Promise<DoctorReport> {
     { name: 'libvirt-lxc:DIR', ...(await libvirtLxcCheck(gnuTar)) },
   ];
   const gunzip = inflateChoice();
+  const sha256 = sha256Choice();
   const facilities: Check[] = [
     {
       name: 'ISA-L gunzip',
       ok: gunzip.kind === 'isal',
       detail: gunzip.kind === 'isal' ? 'the builtin engine gunzips chunks with ISA-L (native addon)' : `the builtin engine gunzips chunks with zlib, about 1.6 × slower: ${gunzip.why}`,
+    },
+    {
+      name: 'sha256 thread',
+      ok: sha256.kind === 'thread',
+      detail: sha256.kind === 'thread' ? 'layers are hashed on a thread of their own (native addon)' : `layers are hashed on the main thread, the export's busiest: ${sha256.why}`,
     },
     { name: 'root', ok: f.root, detail: f.root ? 'running as root' : `running as uid ${process.getuid?.()}` },
     { name: 'loop devices', ok: f.loop, detail: f.loop ? '/dev/loop-control' : 'no /dev/loop-control' },

@@ -14,6 +14,7 @@
  *   read, ('output', errno, message) when the scratch file cannot be written, ('cancelled', 0).
  *   Exactly one event other than 'progress' comes, last.
  */
+#define _GNU_SOURCE
 #define NAPI_VERSION 8
 #include <errno.h>
 #include <fcntl.h>
@@ -228,6 +229,7 @@ end:
 
 static void *thread_main(void *arg) {
   job_t *job = arg;
+  pthread_setname_np(pthread_self(), "isal-inflate");
   run(job);
   napi_release_threadsafe_function(job->tsfn, napi_tsfn_release);
   job_unref(job);

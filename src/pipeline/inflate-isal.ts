@@ -1,8 +1,7 @@
-import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
 import { getSystemErrorName } from 'node:util';
 import { EnvironmentError, InputError } from '../errors.js';
 import { CHUNK_SIZE } from '../formats/xva.js';
+import { loadAddon } from '../native.js';
 import type { FileHandle } from 'node:fs/promises';
 import type { Chunk } from './extract.js';
 import type { StageContext } from './stage.js';
@@ -21,8 +20,6 @@ interface Addon {
     onEvent: (kind: EventKind, value: number, message: string) => void): { cancel(): void };
 }
 
-const ADDON_PATH = fileURLToPath(new URL('../../native/isal-inflate/build/Release/isal_inflate.node', import.meta.url));
-
 /** DDK2DOCKER_INFLATE: `zlib` or `isal` to choose, unset for ISA-L where it loads. */
 export type InflateChoice = { kind: 'isal'; addon: Addon } | { kind: 'zlib'; why: string };
 
@@ -33,12 +30,8 @@ export function inflateChoice(): InflateChoice {
   if (wanted !== undefined && wanted !== 'zlib' && wanted !== 'isal') throw new EnvironmentError(`DDK2DOCKER_INFLATE must be zlib or isal, not ${JSON.stringify(wanted)}`);
   if (wanted === 'zlib') return { kind: 'zlib', why: 'DDK2DOCKER_INFLATE=zlib' };
   if (!cached) {
-    try {
-      cached = { kind: 'isal', addon: createRequire(import.meta.url)(ADDON_PATH) as Addon };
-    } catch (err) {
-      const why = (err as NodeJS.ErrnoException).code === 'MODULE_NOT_FOUND' ? 'the ISA-L addon is not built (scripts/build-native, needs libisal-dev)' : `the ISA-L addon does not load: ${(err as Error).message.split('\n')[0]}`;
-      cached = { kind: 'zlib', why };
-    }
+    const loaded = loadAddon<Addon>('isal-inflate', 'isal_inflate', 'libisal-dev');
+    cached = 'addon' in loaded ? { kind: 'isal', addon: loaded.addon } : { kind: 'zlib', why: loaded.why };
   }
   if (wanted === 'isal' && cached.kind === 'zlib') throw new EnvironmentError(`DDK2DOCKER_INFLATE=isal: ${cached.why}`);
   return cached;

@@ -1,5 +1,5 @@
-import { createHash, type Hash } from 'node:crypto';
-import { Transform } from 'node:stream';
+import type { TransformCallback } from 'node:stream';
+import { Digester } from '../docker/rootfs.js';
 import { decodePaxRecords } from '../formats/tar.js';
 
 /**
@@ -8,10 +8,8 @@ import { decodePaxRecords } from '../formats/tar.js';
  * outputs hash the layer as they write it, so they do not ask. Entries are counted by walking the
  * 512-byte headers: data blocks are skipped without being looked at.
  */
-export class LayerMeter extends Transform {
-  bytes = 0;
+export class LayerMeter extends Digester {
   files = 0;
-  private readonly hash: Hash | undefined;
   private skip = 0;
   private header = Buffer.alloc(0);
   private paxSize: number | undefined;
@@ -19,22 +17,24 @@ export class LayerMeter extends Transform {
   private paxLeft = 0;
   private ended = false;
 
-  constructor(opts: { hash: boolean }, private readonly onBytes?: (n: number) => void) {
-    super({ highWaterMark: 4 << 20 });
-    this.hash = opts.hash ? createHash('sha256') : undefined;
+  constructor(opts: { hash: boolean }, onBytes?: (n: number) => void) {
+    let counted = 0;
+    super(
+      (total) => {
+        onBytes?.(total - counted);
+        counted = total;
+      },
+      { hash: opts.hash, highWaterMark: 4 << 20 },
+    );
   }
 
   get diffId(): string {
-    if (!this.hash) throw new Error('LayerMeter: diffId asked of a meter made without hashing');
-    return `sha256:${this.hash.copy().digest('hex')}`;
+    return this.digest();
   }
 
-  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null, data?: Buffer) => void): void {
-    this.hash?.update(chunk);
-    this.bytes += chunk.length;
-    this.onBytes?.(chunk.length);
+  override _transform(chunk: Buffer, encoding: BufferEncoding, callback: TransformCallback): void {
     this.scan(chunk);
-    cb(null, chunk);
+    super._transform(chunk, encoding, callback);
   }
 
   private scan(chunk: Buffer): void {

@@ -103,11 +103,15 @@ describe('the ddk2docker image', () => {
 
   it('doctor: the builtin engine works unprivileged, the host engine says why not', async () => {
     const { stdout } = await docker(['run', '--rm', '--network', 'none', IMAGE, 'doctor', '--json']);
-    const report = JSON.parse(stdout) as { engines: { name: string; ok: boolean; detail: string }[] };
+    type Check = { name: string; ok: boolean; detail: string };
+    const report = JSON.parse(stdout) as { engines: Check[]; facilities: Check[] };
     expect(report.engines.find((e) => e.name === 'builtin')?.ok).toBe(true);
     const host = report.engines.find((e) => e.name === 'host');
     expect(host?.ok).toBe(false);
     expect(host?.detail).toMatch(/root/);
+    // The sha256 addon comes built from the checkout; ISA-L's would need a libisal the base lacks.
+    expect(report.facilities.find((f) => f.name === 'sha256 thread')).toMatchObject({ ok: true });
+    expect(report.facilities.find((f) => f.name === 'ISA-L gunzip')).toMatchObject({ ok: false, detail: expect.stringMatching(/zlib/) });
   });
 
   it('converts a DDK as uid 65534 into a docker-archive that loads with the host conversion\'s diffID', async () => {
