@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { Transform, type TransformCallback } from 'node:stream';
 import { EnvironmentError } from './errors.js';
 import { loadAddon, type Loaded } from './native.js';
 
@@ -140,5 +141,46 @@ class ThreadSha256 implements StreamSha256 {
       this.held = this.held.slice(this.head);
       this.head = 0;
     }
+  }
+}
+
+/** Bytes the hash may fall behind the stream before the stream waits for it. */
+const HASH_LAG = 16 << 20;
+
+/** Passes bytes through, counting and (unless told not to) hashing them; digest() once the stream has ended. */
+export class Digester extends Transform {
+  private readonly hash: StreamSha256 | undefined;
+  private result: string | undefined;
+  bytes = 0;
+  constructor(private readonly onBytes?: (bytes: number) => void, opts: { hash?: boolean; highWaterMark?: number } = {}) {
+    // A deep buffer lets hashing run ahead while a write is in flight (~25% faster than 16 KiB).
+    super({ highWaterMark: opts.highWaterMark ?? 1 << 20 });
+    this.hash = opts.hash === false ? undefined : streamSha256();
+  }
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    // The chunk goes on at once; the hash, on its thread, reads it meanwhile.
+    this.hash?.update(chunk);
+    this.bytes += chunk.length;
+    this.onBytes?.(this.bytes);
+    this.push(chunk);
+    const behind = this.hash?.settle(HASH_LAG);
+    if (behind) behind.then(() => callback(), callback);
+    else callback();
+  }
+  override _flush(callback: TransformCallback): void {
+    if (!this.hash) return callback();
+    this.hash.digest().then((d) => {
+      this.result = d;
+      callback();
+    }, callback);
+  }
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    this.hash?.close();
+    callback(error);
+  }
+  digest(): string {
+    if (!this.hash) throw new Error('Digester: digest() asked of a Digester made without hashing');
+    if (this.result === undefined) throw new Error('Digester: digest() before the stream has ended');
+    return this.result;
   }
 }

@@ -3,7 +3,7 @@ import { pipeline } from 'node:stream/promises';
 import type { Method, Response } from 'got';
 import { CancelledError, InputError } from '../errors.js';
 import { parseTag, sha256Digest } from './image.js';
-import { Digester } from './rootfs.js';
+import { Digester } from '../stream-sha256.js';
 
 /**
  * A push client for the OCI distribution API (v2): blobs by monolithic or streamed upload, then a

@@ -6,7 +6,7 @@ import { CancelledError, InputError } from '../errors.js';
 import { packTree, readTar, type TarHeader, type TreeEntry, type TreeEntryType } from '../formats/tar.js';
 import { tool, toolError } from '../host/exec.js';
 import { displayPath } from '../manifest.js';
-import { Digester } from './rootfs.js';
+import { Digester } from '../stream-sha256.js';
 
 /**
  * Unpacking the layer tar into a directory, for outputs that are a file tree. GNU tar writes the

@@ -6,6 +6,7 @@ import { Transform, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import lockfile from 'proper-lockfile';
 import { CancelledError, InputError } from '../errors.js';
+import { Digester } from '../stream-sha256.js';
 import type { StageContext } from './stage.js';
 
 /** fetch: a local path or an http(s) URL → a verified local file with its sha256. */
@@ -41,20 +42,15 @@ export function normalizeSha256(hex: string): string {
   return h;
 }
 
-function hashing(hash: ReturnType<typeof createHash>, ctx: StageContext): Transform {
-  return new Transform({
-    transform(chunk: Buffer, _enc, cb) {
-      hash.update(chunk);
-      ctx.progress.add(chunk.length);
-      cb(null, chunk);
-    },
-  });
-}
-
+/** sha256 of a file, hashed as it is read (on the sha256 thread where there is one). */
 async function sha256OfFile(path: string, ctx: StageContext): Promise<string> {
-  const hash = createHash('sha256');
-  await pipeline(createReadStream(path, { highWaterMark: 1 << 20 }), hashing(hash, ctx), new Writable({ write: (_c, _e, cb) => cb() }), { signal: ctx.signal });
-  return hash.digest('hex');
+  let counted = 0;
+  const digester = new Digester((total) => {
+    ctx.progress.add(total - counted);
+    counted = total;
+  });
+  await pipeline(createReadStream(path, { highWaterMark: 1 << 20 }), digester, new Writable({ write: (_c, _e, cb) => cb() }), { signal: ctx.signal });
+  return digester.digest().slice('sha256:'.length);
 }
 
 function checkDigest(name: string, actual: string, expected: string | undefined): void {

@@ -1,5 +1,5 @@
 import type { TransformCallback } from 'node:stream';
-import { Digester } from '../docker/rootfs.js';
+import { Digester } from '../stream-sha256.js';
 import { decodePaxRecords } from '../formats/tar.js';
 
 /**

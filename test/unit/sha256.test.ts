@@ -3,8 +3,7 @@ import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { execa } from 'execa';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Digester } from '../../src/docker/rootfs.js';
-import { sha256Choice, streamSha256 } from '../../src/stream-sha256.js';
+import { Digester, sha256Choice, streamSha256 } from '../../src/stream-sha256.js';
 
 /**
  * A stream's sha256 on the addon's thread (native/sha256-thread, built by npm install) and with
