@@ -288,6 +288,11 @@ export interface PackOptions {
 }
 
 const RECORD = 10240;
+/** packTree yields pieces smaller than GATHER_PIECE in blocks of at least GATHER bytes. */
+const GATHER = 256 * 1024;
+const GATHER_PIECE = 64 * 1024;
+/** Padding is cut from here: never written to, so shared by every entry. */
+const ZERO_BLOCK = Buffer.alloc(BLOCK);
 const MAX_OCTAL_7 = 0o7777777;
 const MAX_OCTAL_11 = 0o77777777777;
 const NS = 1_000_000_000n;
@@ -431,12 +436,13 @@ function padding(n: number): number {
  * --pax-option=delete=atime,delete=ctime` given the same entries in the same order, except that
  * names carry no "./" prefix (the root is "./", other entries "etc/", "etc/passwd").
  * Hard links point at the first name written; sockets are left out. File data is pulled from
- * `readData` only as the consumer reads (backpressure), and must be exactly `size` bytes.
+ * `readData` only as the consumer reads (backpressure), or given by it at once as one Buffer (a
+ * small file that is at hand), and must be exactly `size` bytes.
  * `done` settles when the archive has been produced, rejecting on any error or an early close.
  */
 export function packTree<E extends TreeEntry>(
   entries: AsyncIterable<E>,
-  readData: (entry: E) => AsyncIterable<Buffer>,
+  readData: (entry: E) => AsyncIterable<Buffer> | Buffer,
   opts: PackOptions = {},
 ): { stream: Readable; done: Promise<PackResult> } {
   const input = opts.input ?? 'file tree';
@@ -453,6 +459,20 @@ export function packTree<E extends TreeEntry>(
     const result: PackResult = { entries: 0, files: 0, dataBytes: 0, bytes: 0 };
     const firstName = new Map<number, Buffer>();
     let finished = false;
+    // Headers, small files' data and padding, gathered into blocks: a piece costs each stream after
+    // this one about as much as a block does, and most entries are a header and a few kilobytes.
+    let gathered: Buffer[] = [];
+    let gatheredBytes = 0;
+    const gather = (b: Buffer) => {
+      gathered.push(b);
+      gatheredBytes += b.length;
+    };
+    const release = (): Buffer => {
+      const block = gathered.length === 1 ? gathered[0]! : Buffer.concat(gathered, gatheredBytes);
+      gathered = [];
+      gatheredBytes = 0;
+      return block;
+    };
     try {
       for await (const e of entries) {
         throwIfAborted(opts.signal);
@@ -464,35 +484,46 @@ export function packTree<E extends TreeEntry>(
           const h = entryHeaders(e, '1', linked, 0);
           result.bytes += h.length;
           result.entries++;
-          yield h;
-          continue;
+          gather(h);
+        } else {
+          if (e.type !== 'directory' && (e.nlink ?? 1) > 1 && e.ino !== undefined) firstName.set(e.ino, e.path);
+          if (e.type === 'symlink' && !e.symlinkTarget) throw new InputError(input, `symlink ${JSON.stringify(e.path.toString('utf8'))} has no target`);
+          const size = e.type === 'file' ? e.size : 0;
+          const h = entryHeaders(e, FLAGS[e.type], e.type === 'symlink' ? e.symlinkTarget : undefined, size);
+          result.bytes += h.length;
+          result.entries++;
+          gather(h);
+          if (e.type === 'file') {
+            const tooMuch = () => new InputError(input, `${JSON.stringify(e.path.toString('utf8'))} has more data than its size of ${size} bytes`);
+            const data = readData(e);
+            let written = 0;
+            for await (const chunk of Buffer.isBuffer(data) ? [data] : data) {
+              throwIfAborted(opts.signal);
+              written += chunk.length;
+              if (written > size) throw tooMuch();
+              if (chunk.length < GATHER_PIECE) {
+                gather(chunk);
+                if (gatheredBytes >= GATHER) yield release();
+              } else {
+                if (gatheredBytes) yield release();
+                yield chunk;
+              }
+            }
+            if (written !== size) throw new InputError(input, `${JSON.stringify(e.path.toString('utf8'))} has ${written} bytes of data, expected ${size}`);
+            const pad = padding(size);
+            if (pad) gather(ZERO_BLOCK.subarray(0, pad));
+            result.files++;
+            result.dataBytes += size;
+            result.bytes += size + pad;
+          }
         }
-        if (e.type !== 'directory' && (e.nlink ?? 1) > 1 && e.ino !== undefined) firstName.set(e.ino, e.path);
-        if (e.type === 'symlink' && !e.symlinkTarget) throw new InputError(input, `symlink ${JSON.stringify(e.path.toString('utf8'))} has no target`);
-        const size = e.type === 'file' ? e.size : 0;
-        const h = entryHeaders(e, FLAGS[e.type], e.type === 'symlink' ? e.symlinkTarget : undefined, size);
-        result.bytes += h.length;
-        result.entries++;
-        yield h;
-        if (e.type !== 'file') continue;
-        let written = 0;
-        for await (const chunk of readData(e)) {
-          throwIfAborted(opts.signal);
-          written += chunk.length;
-          if (written > size) throw new InputError(input, `${JSON.stringify(e.path.toString('utf8'))} has more data than its size of ${size} bytes`);
-          if (chunk.length) yield chunk;
-        }
-        if (written !== size) throw new InputError(input, `${JSON.stringify(e.path.toString('utf8'))} has ${written} bytes of data, expected ${size}`);
-        const pad = padding(size);
-        if (pad) yield Buffer.alloc(pad);
-        result.files++;
-        result.dataBytes += size;
-        result.bytes += size + pad;
+        if (gatheredBytes >= GATHER) yield release();
       }
       // End-of-archive marker, then zeros to a whole 10 KiB record like GNU tar's default blocking.
       const tail = 2 * BLOCK + ((RECORD - ((result.bytes + 2 * BLOCK) % RECORD)) % RECORD);
       result.bytes += tail;
-      yield Buffer.alloc(tail);
+      gather(Buffer.alloc(tail));
+      yield release();
       finished = true;
       resolve(result);
     } catch (err) {

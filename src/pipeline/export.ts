@@ -83,7 +83,7 @@ async function hostExport(ctx: StageContext, root: MappedRoot, input: string, op
 async function builtinExport(ctx: StageContext, root: MappedRoot, input: string, opts: ExportOptions): Promise<ExportedLayer> {
   const fs = await ExtFileSystem.open(root.source!);
   const { probe, files } = await prepare(extTree(fs), opts);
-  const packed = packTree(fs.walk({ signal: ctx.signal }), (e) => fs.readFile(e, { signal: ctx.signal }), { signal: ctx.signal, input: root.source!.name });
+  const packed = packTree(fs.walk({ signal: ctx.signal }), (e) => fs.readFileNow(e) ?? fs.readFile(e, { signal: ctx.signal }), { signal: ctx.signal, input: root.source!.name });
   // The same appender as the host engine's, so that both still give byte-identical layers.
   const stream = files.length ? appendToTar(packed.stream, files, { signal: ctx.signal, input }) : packed.stream;
   return { stream, done: packed.done.then(() => undefined), probe };

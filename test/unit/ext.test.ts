@@ -1,3 +1,4 @@
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 import { copyFile, mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -5,7 +6,7 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InputError } from '../../src/errors.js';
 import { ExtFileSystem, type ExtEntry } from '../../src/formats/ext/index.js';
-import { FileSource } from '../../src/formats/source.js';
+import { FileSource, type Source } from '../../src/formats/source.js';
 import { packTree, readTar } from '../../src/formats/tar.js';
 import { compareManifests, manifestFromTar } from '../../src/manifest.js';
 import {
@@ -161,6 +162,129 @@ describe.each(MATRIX)('$name', (spec) => {
   it('writes the same bytes as GNU tar', async () => {
     const img = images.get(spec.name)!;
     await withFs(img, (fs) => expectSameBytesAsGnuTar(img, fs));
+  });
+});
+
+/** A file as a Source that also reads at once, as the scratch disk does what is written; counts readSync's calls. */
+function syncSource(path: string): Source & { syncReads: number } {
+  const fd = openSync(path, 'r');
+  const size = fstatSync(fd).size;
+  const readNow = (position: number, length: number) => {
+    const buf = Buffer.alloc(length);
+    for (let done = 0; done < length; ) {
+      const n = readSync(fd, buf, done, length - done, position + done);
+      if (n === 0) throw new Error(`${path}: end of file at ${position + done}`);
+      done += n;
+    }
+    return buf;
+  };
+  const src = {
+    name: path,
+    size,
+    syncReads: 0,
+    read: (position: number, length: number) => Promise.resolve(readNow(position, length)),
+    readSync: (position: number, length: number) => {
+      src.syncReads++;
+      return readNow(position, length);
+    },
+    close: () => Promise.resolve(closeSync(fd)),
+  };
+  return src;
+}
+
+/** Our archive with small files read at once where they can be (readFileNow), as the export makes it. */
+async function tarAtOnce(img: string): Promise<{ tar: Buffer; atOnce: number; files: number }> {
+  const src = syncSource(img);
+  try {
+    const fs = await ExtFileSystem.open(src);
+    let atOnce = 0;
+    let files = 0;
+    const packed = packTree(fs.walk(), (e) => {
+      files++;
+      const now = fs.readFileNow(e);
+      if (now) atOnce++;
+      return now ?? fs.readFile(e);
+    }, { input: 'image' });
+    const parts: Buffer[] = [];
+    for await (const chunk of packed.stream) parts.push(chunk as Buffer);
+    await packed.done;
+    return { tar: Buffer.concat(parts), atOnce, files };
+  } finally {
+    await src.close();
+  }
+}
+
+async function tarOf(packed: { stream: Readable; done: Promise<unknown> }): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const chunk of packed.stream) parts.push(chunk as Buffer);
+  await packed.done;
+  return Buffer.concat(parts);
+}
+
+describe('small files read at once (readFileNow, the export\'s path)', () => {
+  it.each(MATRIX.map((m) => m.name))('%s: the same archive as readFile alone, most small files at once', async (name) => {
+    const img = images.get(name)!;
+    const alone = await withFs(img, (fs) => tarOf(ourTar(fs)));
+    const { tar, atOnce, files } = await tarAtOnce(img);
+    expect(tar.equals(alone)).toBe(true);
+    // Every image has dozens of small files mapped from the inode alone (1 KiB blocks: up to 12 KiB on ext2/3).
+    expect(atOnce).toBeGreaterThan(files / 3);
+  });
+
+  it('holes, unwritten extents and a size past the last block read as zeros, as from readFile', async () => {
+    const img = join(tmp, 'at-once.img');
+    await copyFile(images.get('ext4-4k-256')!, img);
+    await withMount(img, async (dir) => {
+      await mkdir(join(dir, 'at-once'));
+      const at = (f: string) => join(dir, 'at-once', f);
+      const fh = await open(at('holes'), 'w');
+      await fh.write(pattern(100, 1), 0, 100, 0);
+      await fh.write(pattern(100, 2), 0, 100, 30_000);
+      await fh.close();
+      await execa('fallocate', ['-l', '20000', at('unwritten')]);
+      await execa('fallocate', ['-l', '20000', at('half-written')]);
+      const half = await open(at('half-written'), 'r+');
+      await half.write(pattern(5000, 3), 0, 5000, 4096);
+      await half.close();
+      await writeFile(at('tail-hole'), pattern(10, 4));
+      await execa('truncate', ['-s', '50000', at('tail-hole')]);
+      await writeFile(at('exactly-64k'), pattern(65536, 5));
+      await writeFile(at('over-64k'), pattern(65537, 6));
+    }, true);
+    const src = syncSource(img);
+    try {
+      const fs = await ExtFileSystem.open(src);
+      const read = async (e: ExtEntry) => {
+        const parts: Buffer[] = [];
+        for await (const c of fs.readFile(e)) parts.push(c);
+        return Buffer.concat(parts);
+      };
+      const entry = async (n: string) => (await fs.lookup(`at-once/${n}`))!;
+      for (const n of ['holes', 'unwritten', 'half-written', 'tail-hole', 'exactly-64k']) {
+        const e = await entry(n);
+        const now = fs.readFileNow(e);
+        expect(now, n).toBeDefined();
+        expect(now!.equals(await read(e)), n).toBe(true);
+      }
+      expect(fs.readFileNow(await entry('unwritten'))!.equals(Buffer.alloc(20000))).toBe(true);
+      expect(fs.readFileNow(await entry('holes'))!.subarray(100, 30_000).equals(Buffer.alloc(29_900))).toBe(true);
+      expect(fs.readFileNow(await entry('over-64k'))).toBeUndefined();
+      // Not given by walk or lookup: readFile's job.
+      expect(fs.readFileNow({ ino: (await entry('holes')).ino })).toBeUndefined();
+    } finally {
+      await src.close();
+    }
+  });
+
+  it('nothing at once from a source that cannot read at once, but inline data', async () => {
+    for (const name of ['ext4-4k-256', 'ext4-inline']) {
+      await withFs(images.get(name)!, async (fs) => {
+        let atOnce = 0;
+        for await (const e of fs.walk()) if (e.type === 'file' && fs.readFileNow(e)) atOnce++;
+        if (name === 'ext4-inline') expect(atOnce).toBeGreaterThan(0);
+        else expect(atOnce).toBe(0);
+      });
+    }
   });
 });
 

@@ -41,6 +41,12 @@ function dataOf(contents: Map<string, Buffer>) {
   };
 }
 
+async function readBytes(stream: Readable): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const c of stream) parts.push(c as Buffer);
+  return Buffer.concat(parts);
+}
+
 async function readAll(stream: Readable): Promise<{ header: TarHeader; data: Buffer }[]> {
   const out: { header: TarHeader; data: Buffer }[] = [];
   await readTar(stream, 'test tar', async (header, data) => {
@@ -170,15 +176,33 @@ describe('packTree', () => {
     expect(result.dataBytes).toBe(size + 3);
   });
 
-  it('rejects data longer or shorter than the size', async () => {
-    for (const [size, data] of [[3, 'four'], [5, 'four']] as const) {
-      const packed = packTree(from([entry('f', 'file', { size })]), async function* () {
-        yield B(data);
-      }, { input: 'tree' });
-      packed.stream.on('error', () => undefined).resume();
-      await expect(packed.done).rejects.toThrow(InputError);
-      await expect(packed.done).rejects.toThrow(/tree: "f" has/);
+  it('rejects data longer or shorter than the size, streamed or given at once', async () => {
+    for (const atOnce of [false, true]) {
+      for (const [size, data, message] of [[3, 'four', 'has more data than its size of 3 bytes'], [5, 'four', 'has 4 bytes of data, expected 5']] as const) {
+        const packed = packTree(from([entry('f', 'file', { size })]), atOnce ? () => B(data) : async function* () {
+          yield B(data);
+        }, { input: 'tree' });
+        packed.stream.on('error', () => undefined).resume();
+        await expect(packed.done).rejects.toThrow(InputError);
+        await expect(packed.done).rejects.toThrow(`tree: "f" ${message}`);
+      }
     }
+  });
+
+  it('writes the same archive whether data is streamed in pieces or given at once', async () => {
+    const { entries, contents } = sampleTree();
+    // Pieces of every size around the gathering thresholds: 1 byte, 511, 64 KiB ± 1, 300 KiB.
+    const sizes = [1, 511, 65535, 65536, 65537, 300 * 1024];
+    const more = sizes.map((n, i) => entry(`more/${i}`, 'file', { size: n }));
+    for (const [i, n] of sizes.entries()) contents.set(`more/${i}`, pattern(n, 10 + i));
+    const all = [...entries, entry('more', 'directory'), ...more];
+    const streamed = packTree(from(all), (e) => (async function* () {
+      const data = contents.get(e.path.toString()) ?? Buffer.alloc(0);
+      for (let at = 0; at < data.length; at += 1000) yield data.subarray(at, at + 1000);
+    })());
+    const atOnce = packTree(from(all), (e) => contents.get(e.path.toString()) ?? Buffer.alloc(0));
+    const [a, b] = await Promise.all([readBytes(streamed.stream), readBytes(atOnce.stream), streamed.done, atOnce.done]);
+    expect(b.equals(a)).toBe(true);
   });
 
   it('refuses names that could escape the root', async () => {

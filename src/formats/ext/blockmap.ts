@@ -4,6 +4,53 @@ const EXT4_NDIR_BLOCKS = 12;
 /** Cap on a merged run so a reader's request sizes stay bounded. */
 const MAX_RUN = 65536;
 
+/** Merges a file's (logical, physical) block pairs, in logical order, into runs of contiguous blocks. */
+class Runs {
+  private cur: Run | undefined;
+  constructor(private readonly vol: Volume) {}
+
+  /** Returns the finished run when (logical, physical) does not extend the current one. */
+  add(logical: number, physical: number, what: string): Run | undefined {
+    this.vol.checkBlocks(physical, 1, what);
+    const cur = this.cur;
+    if (cur && logical === cur.logical + cur.length && physical === cur.physical + cur.length && cur.length < MAX_RUN) {
+      cur.length++;
+      return undefined;
+    }
+    this.cur = { logical, physical, length: 1, unwritten: false };
+    return cur;
+  }
+
+  /** The run still open at the end. */
+  last(): Run | undefined {
+    return this.cur;
+  }
+
+  /** The runs of the 12 direct pointers in i_block (those below `blockCount`). */
+  direct(i_block: Buffer, blockCount: number, owner: string): Run[] {
+    const done: Run[] = [];
+    for (let i = 0; i < EXT4_NDIR_BLOCKS && i < blockCount; i++) {
+      const p = i_block.readUInt32LE(i * 4);
+      if (p === 0) continue;
+      const run = this.add(i, p, `${owner} block ${i}`);
+      if (run) done.push(run);
+    }
+    return done;
+  }
+}
+
+/**
+ * The runs of a block-mapped inode whose blocks all have direct pointers (at most 12 blocks, as
+ * for most small files), at once; undefined when it needs indirect blocks (read blockMapRuns).
+ */
+export function directRuns(vol: Volume, i_block: Buffer, blockCount: number, owner: string): Run[] | undefined {
+  if (blockCount > EXT4_NDIR_BLOCKS) return undefined;
+  const runs = new Runs(vol);
+  const done = runs.direct(i_block, blockCount, owner);
+  const last = runs.last();
+  return last ? [...done, last] : done;
+}
+
 /**
  * The runs of a block-mapped (ext2/ext3 style) inode: 12 direct pointers in i_block, then a
  * single, a double and a triple indirect block. Only logical blocks below `blockCount` are
@@ -12,19 +59,7 @@ const MAX_RUN = 65536;
  */
 export async function* blockMapRuns(vol: Volume, i_block: Buffer, blockCount: number, owner: string): AsyncGenerator<Run> {
   const perBlock = vol.blockSize / 4;
-  let cur: Run | undefined;
-
-  // Returns the finished run when (logical, physical) does not extend the current one.
-  function add(logical: number, physical: number, what: string): Run | undefined {
-    vol.checkBlocks(physical, 1, what);
-    if (cur && logical === cur.logical + cur.length && physical === cur.physical + cur.length && cur.length < MAX_RUN) {
-      cur.length++;
-      return undefined;
-    }
-    const done = cur;
-    cur = { logical, physical, length: 1, unwritten: false };
-    return done;
-  }
+  const runs = new Runs(vol);
 
   async function* indirect(ptr: number, level: number, base: number): AsyncGenerator<Run> {
     const span = perBlock ** (level - 1);
@@ -35,7 +70,7 @@ export async function* blockMapRuns(vol: Volume, i_block: Buffer, blockCount: nu
       const p = table.readUInt32LE(j * 4);
       if (p === 0) continue;
       if (level === 1) {
-        const done = add(logical, p, `${owner} block ${logical}`);
+        const done = runs.add(logical, p, `${owner} block ${logical}`);
         if (done) yield done;
       } else {
         yield* indirect(p, level - 1, logical);
@@ -43,17 +78,13 @@ export async function* blockMapRuns(vol: Volume, i_block: Buffer, blockCount: nu
     }
   }
 
-  for (let i = 0; i < EXT4_NDIR_BLOCKS && i < blockCount; i++) {
-    const p = i_block.readUInt32LE(i * 4);
-    if (p === 0) continue;
-    const done = add(i, p, `${owner} block ${i}`);
-    if (done) yield done;
-  }
+  yield* runs.direct(i_block, blockCount, owner);
   let base = EXT4_NDIR_BLOCKS;
   for (let level = 1; level <= 3 && base < blockCount; level++) {
     const p = i_block.readUInt32LE((EXT4_NDIR_BLOCKS + level - 1) * 4);
     if (p !== 0) yield* indirect(p, level, base);
     base += perBlock ** level;
   }
-  if (cur) yield cur;
+  const last = runs.last();
+  if (last) yield last;
 }

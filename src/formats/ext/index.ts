@@ -1,8 +1,8 @@
 import { InputError, throwIfAborted } from '../../errors.js';
 import type { Source } from '../source.js';
-import { blockMapRuns } from './blockmap.js';
+import { blockMapRuns, directRuns } from './blockmap.js';
 import { parseDirBlock, type DirContext, type DirEntry } from './dir.js';
-import { extentRuns } from './extents.js';
+import { extentRuns, rootExtentRuns } from './extents.js';
 import {
   EXT4_EA_INODE_FL, EXT4_EXTENTS_FL, EXT4_INLINE_DATA_FL, decodeDevice, parseInode,
   type ExtFileType, type Inode, type InodeGeometry,
@@ -92,6 +92,8 @@ export class ExtFileSystem {
   private readonly dirContext: Omit<DirContext, 'owner'>;
   private readonly cache = new Map<number, Promise<Buffer>>();
   private readonly inodeTables = new Map<number, number>();
+  /** The inode behind each entry handed out, so that reading its data need not parse it again. */
+  private readonly inodes = new WeakMap<object, Inode>();
   private window: { start: number; data: Promise<Buffer> } | undefined;
   private lastReadEnd = -1;
 
@@ -226,9 +228,50 @@ export class ExtFileSystem {
    * unwritten extents as zeros, with a little read-ahead.
    */
   async *readFile(entry: { ino: number }, opts: { signal?: AbortSignal } = {}): AsyncGenerator<Buffer> {
-    const inode = await this.readInode(entry.ino);
+    const known = this.inodes.get(entry);
+    const inode = known?.ino === entry.ino ? known : await this.readInode(entry.ino);
     if (inode.type !== 'file') throw new InputError(this.input, `inode ${entry.ino} is a ${inode.type}, not a regular file`);
     yield* this.data(inode, inode.size, opts.signal);
+  }
+
+  /**
+   * A small file's whole data at once, where nothing has to be waited for: its mapping is in the
+   * inode itself (inline data, an extent tree that is only its root, or direct block pointers) and
+   * the source has the bytes at hand (Source.readSync). Undefined otherwise, and for an entry that
+   * walk or lookup did not give: read it with readFile. Tens of thousands of small files each went
+   * through readFile's chain of async generators, the export's largest cost per file.
+   */
+  readFileNow(entry: { ino: number }): Buffer | undefined {
+    const inode = this.inodes.get(entry);
+    if (!inode || inode.ino !== entry.ino || inode.type !== 'file' || inode.size > SMALL_READ) return undefined;
+    const { size } = inode;
+    if (inode.i_flags & EXT4_INLINE_DATA_FL) {
+      const inline = this.inlineData(inode);
+      if (inline.length >= size) return inline.subarray(0, size);
+      const out = Buffer.alloc(size);
+      inline.copy(out);
+      return out;
+    }
+    const { source } = this;
+    if (!source.readSync) return undefined;
+    const owner = `inode ${inode.ino}`;
+    const bs = this.sb.blockSize;
+    const runs = inode.i_flags & EXT4_EXTENTS_FL ? rootExtentRuns(this.vol, inode.i_block, owner) : directRuns(this.vol, inode.i_block, Math.ceil(size / bs), owner);
+    if (!runs) return undefined;
+    const [first] = runs;
+    // The usual case: one written run from block 0 holding every byte.
+    if (first && runs.length === 1 && first.logical === 0 && !first.unwritten && first.length * bs >= size) return source.readSync(first.physical * bs, size);
+    // Holes and unwritten extents read as zeros, as in readFile.
+    const out = Buffer.alloc(size);
+    for (const run of runs) {
+      const start = run.logical * bs;
+      if (start >= size) break;
+      if (run.unwritten) continue;
+      const part = source.readSync(run.physical * bs, Math.min(size, (run.logical + run.length) * bs) - start);
+      if (!part) return undefined;
+      part.copy(out, start);
+    }
+    return out;
   }
 
   /** A directory's names as readdir(3) lists them, "." and ".." left out, sorted by raw bytes. */
@@ -257,6 +300,7 @@ export class ExtFileSystem {
       xattrs: await this.readXattrs(inode),
     };
     if (inode.type === 'symlink') e.symlinkTarget = await this.readLink(inode);
+    this.inodes.set(e, inode);
     return e;
   }
 
