@@ -111,7 +111,10 @@ class ThreadSha256 implements StreamSha256 {
 
   async digest(): Promise<string> {
     await this.until(this.queued);
-    return `sha256:${this.native.digest()}`;
+    const hex = this.native.digest();
+    // The thread has nothing left to do: end it now rather than when the handle is collected.
+    this.native.close();
+    return `sha256:${hex}`;
   }
 
   close(): void {

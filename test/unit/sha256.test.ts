@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
+import { readdir, readFile } from 'node:fs/promises';
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { execa } from 'execa';
@@ -94,7 +95,23 @@ describe.each(KINDS)('sha256 with %s', (kind) => {
   });
 });
 
+/** Threads of this process named by the addon. */
+async function hashThreads(): Promise<number> {
+  const tasks = await readdir('/proc/self/task');
+  const names = await Promise.all(tasks.map((t) => readFile(`/proc/self/task/${t}/comm`, 'utf8').catch(() => '')));
+  return names.filter((n) => n.trim() === 'sha256').length;
+}
+
 describe('the thread and the process', () => {
+  it('a thread ends with its digest, not when the garbage collector gets to it', async () => {
+    const before = await hashThreads();
+    const hashes = Array.from({ length: 8 }, () => streamSha256());
+    for (const h of hashes) h.update(Buffer.alloc(1 << 20));
+    expect(await hashThreads()).toBe(before + 8);
+    await Promise.all(hashes.map((h) => h.digest()));
+    expect(await hashThreads()).toBe(before);
+  });
+
   const run = (script: string) => execa(process.execPath, ['--input-type=module', '-e', script], { cwd: process.cwd(), timeout: 30_000, reject: false });
   const load = `const { streamSha256 } = await import(${JSON.stringify(new URL('../../dist/stream-sha256.js', import.meta.url).href)});`;
 
