@@ -1,10 +1,6 @@
-import { readSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { InputError } from '../errors.js';
-import { checkReadRange, type Source } from './source.js';
-
-/** Largest read made on the calling thread (see view). */
-const SYNC_READ = 256 * 1024;
+import { SYNC_READ_MAX, checkReadRange, readFullySync, type Source } from './source.js';
 
 /**
  * A file that is read while it is being written: each region (a decompressed chunk) is filled
@@ -51,28 +47,20 @@ export class GrowingFile {
 
   /**
    * A Source over the first `size` bytes (the file must already be that long). Its readSync
-   * serves reads of up to SYNC_READ bytes that are already written, on the calling thread: the
+   * serves reads of up to SYNC_READ_MAX bytes that are already written, on the calling thread: the
    * bytes were written moments ago, so they are in the page cache, where such a read costs a few
    * microseconds against tens for a round trip through libuv's thread pool, which the export of
    * tens of thousands of small files waited out one by one.
    */
   view(name: string, size: number): Source {
-    const readNow = (position: number, length: number): Buffer => {
-      const buf = Buffer.allocUnsafe(length);
-      for (let done = 0; done < length; ) {
-        const n = readSync(this.fh.fd, buf, done, length - done, position + done);
-        if (n === 0) throw new InputError(name, `unexpected end of file at offset ${position + done}`);
-        done += n;
-      }
-      return buf;
-    };
+    const readNow = (position: number, length: number): Buffer => readFullySync(this.fh.fd, position, length, name);
     return {
       name,
       size,
       read: async (position, length) => {
         checkReadRange({ name, size }, position, length);
         await this.ready(position, position + length);
-        if (length <= SYNC_READ) return readNow(position, length);
+        if (length <= SYNC_READ_MAX) return readNow(position, length);
         const buf = Buffer.allocUnsafe(length);
         let done = 0;
         while (done < length) {
@@ -84,7 +72,7 @@ export class GrowingFile {
       },
       readSync: (position, length) => {
         checkReadRange({ name, size }, position, length);
-        if (length > SYNC_READ || this.failure || !this.covered(position, position + length)) return undefined;
+        if (length > SYNC_READ_MAX || this.failure || !this.covered(position, position + length)) return undefined;
         return readNow(position, length);
       },
       // The writer owns the handle.

@@ -1,4 +1,3 @@
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 import { copyFile, mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -165,36 +164,9 @@ describe.each(MATRIX)('$name', (spec) => {
   });
 });
 
-/** A file as a Source that also reads at once, as the scratch disk does what is written; counts readSync's calls. */
-function syncSource(path: string): Source & { syncReads: number } {
-  const fd = openSync(path, 'r');
-  const size = fstatSync(fd).size;
-  const readNow = (position: number, length: number) => {
-    const buf = Buffer.alloc(length);
-    for (let done = 0; done < length; ) {
-      const n = readSync(fd, buf, done, length - done, position + done);
-      if (n === 0) throw new Error(`${path}: end of file at ${position + done}`);
-      done += n;
-    }
-    return buf;
-  };
-  const src = {
-    name: path,
-    size,
-    syncReads: 0,
-    read: (position: number, length: number) => Promise.resolve(readNow(position, length)),
-    readSync: (position: number, length: number) => {
-      src.syncReads++;
-      return readNow(position, length);
-    },
-    close: () => Promise.resolve(closeSync(fd)),
-  };
-  return src;
-}
-
 /** Our archive with small files read at once where they can be (readFileNow), as the export makes it. */
 async function tarAtOnce(img: string): Promise<{ tar: Buffer; atOnce: number; files: number }> {
-  const src = syncSource(img);
+  const src = await FileSource.open(img);
   try {
     const fs = await ExtFileSystem.open(src);
     let atOnce = 0;
@@ -251,7 +223,7 @@ describe('small files read at once (readFileNow, the export\'s path)', () => {
       await writeFile(at('exactly-64k'), pattern(65536, 5));
       await writeFile(at('over-64k'), pattern(65537, 6));
     }, true);
-    const src = syncSource(img);
+    const src = await FileSource.open(img);
     try {
       const fs = await ExtFileSystem.open(src);
       const read = async (e: ExtEntry) => {
@@ -278,12 +250,17 @@ describe('small files read at once (readFileNow, the export\'s path)', () => {
 
   it('nothing at once from a source that cannot read at once, but inline data', async () => {
     for (const name of ['ext4-4k-256', 'ext4-inline']) {
-      await withFs(images.get(name)!, async (fs) => {
+      const file = await FileSource.open(images.get(name)!);
+      try {
+        const asyncOnly: Source = { name: file.name, size: file.size, read: (p, n) => file.read(p, n), close: () => file.close() };
+        const fs = await ExtFileSystem.open(asyncOnly);
         let atOnce = 0;
         for await (const e of fs.walk()) if (e.type === 'file' && fs.readFileNow(e)) atOnce++;
         if (name === 'ext4-inline') expect(atOnce).toBeGreaterThan(0);
         else expect(atOnce).toBe(0);
-      });
+      } finally {
+        await file.close();
+      }
     }
   });
 });
