@@ -150,12 +150,15 @@ class ThreadSha256 implements StreamSha256 {
 /** Bytes the hash may fall behind the stream before the stream waits for it. */
 const HASH_LAG = 16 << 20;
 
-/** Passes bytes through, counting and (unless told not to) hashing them; digest() once the stream has ended. */
+/**
+ * Passes bytes through, counting and (unless told not to) hashing them; digest() once the stream
+ * has ended. `onBytes` gets the bytes so far and those just added, for callers that sum either.
+ */
 export class Digester extends Transform {
   private readonly hash: StreamSha256 | undefined;
   private result: string | undefined;
   bytes = 0;
-  constructor(private readonly onBytes?: (bytes: number) => void, opts: { hash?: boolean; highWaterMark?: number } = {}) {
+  constructor(private readonly onBytes?: (total: number, added: number) => void, opts: { hash?: boolean; highWaterMark?: number } = {}) {
     // A deep buffer lets hashing run ahead while a write is in flight (~25% faster than 16 KiB).
     super({ highWaterMark: opts.highWaterMark ?? 1 << 20 });
     this.hash = opts.hash === false ? undefined : streamSha256();
@@ -164,7 +167,7 @@ export class Digester extends Transform {
     // The chunk goes on at once; the hash, on its thread, reads it meanwhile.
     this.hash?.update(chunk);
     this.bytes += chunk.length;
-    this.onBytes?.(this.bytes);
+    this.onBytes?.(this.bytes, chunk.length);
     this.push(chunk);
     const behind = this.hash?.settle(HASH_LAG);
     if (behind) behind.then(() => callback(), callback);

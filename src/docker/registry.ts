@@ -278,11 +278,7 @@ export class RegistryClient {
    */
   async pushStream(body: Readable, onBytes?: (n: number) => void): Promise<{ digest: string; size: number }> {
     const session = await this.startUpload();
-    let counted = 0;
-    const digester = new Digester((total) => {
-      onBytes?.(total - counted);
-      counted = total;
-    });
+    const digester = new Digester((_total, added) => onBytes?.(added));
     const [res] = await Promise.all([
       this.request('PATCH', session.href, { ok: [202], headers: { 'content-type': 'application/octet-stream' }, body: digester }),
       pipeline(body, digester).catch((err: unknown) => {

@@ -1,6 +1,5 @@
 import type { FileHandle } from 'node:fs/promises';
-import { InputError } from '../errors.js';
-import { SYNC_READ_MAX, checkReadRange, readFullySync, type Source } from './source.js';
+import { SYNC_READ_MAX, checkReadRange, readFully, readFullySync, type Source } from './source.js';
 
 /**
  * A file that is read while it is being written: each region (a decompressed chunk) is filled
@@ -60,15 +59,7 @@ export class GrowingFile {
       read: async (position, length) => {
         checkReadRange({ name, size }, position, length);
         await this.ready(position, position + length);
-        if (length <= SYNC_READ_MAX) return readNow(position, length);
-        const buf = Buffer.allocUnsafe(length);
-        let done = 0;
-        while (done < length) {
-          const { bytesRead } = await this.fh.read(buf, done, length - done, position + done);
-          if (bytesRead === 0) throw new InputError(name, `unexpected end of file at offset ${position + done}`);
-          done += bytesRead;
-        }
-        return buf;
+        return length <= SYNC_READ_MAX ? readNow(position, length) : readFully(this.fh, position, length, name);
       },
       readSync: (position, length) => {
         checkReadRange({ name, size }, position, length);

@@ -36,7 +36,18 @@ function checkRange(src: { name: string; size: number }, position: number, lengt
 /** Largest read a source makes on the calling thread (readSync); larger ones go through `read`. */
 export const SYNC_READ_MAX = 256 * 1024;
 
-/** `length` bytes at `position` of an open file, read on the calling thread. */
+/** `length` bytes at `position` of an open file; a regular file may give them in several reads. */
+export async function readFully(fh: FileHandle, position: number, length: number, name: string): Promise<Buffer> {
+  const buf = Buffer.allocUnsafe(length);
+  for (let done = 0; done < length; ) {
+    const { bytesRead } = await fh.read(buf, done, length - done, position + done);
+    if (bytesRead === 0) throw new InputError(name, `unexpected end of file at offset ${position + done}`);
+    done += bytesRead;
+  }
+  return buf;
+}
+
+/** readFully on the calling thread. */
 export function readFullySync(fd: number, position: number, length: number, name: string): Buffer {
   const buf = Buffer.allocUnsafe(length);
   for (let done = 0; done < length; ) {
@@ -74,14 +85,7 @@ export class FileSource implements Source {
 
   async read(position: number, length: number): Promise<Buffer> {
     checkRange(this, position, length);
-    const buf = Buffer.allocUnsafe(length);
-    let done = 0;
-    while (done < length) {
-      const { bytesRead } = await this.fh.read(buf, done, length - done, position + done);
-      if (bytesRead === 0) throw new InputError(this.name, `unexpected end of file at offset ${position + done}`);
-      done += bytesRead;
-    }
-    return buf;
+    return readFully(this.fh, position, length, this.name);
   }
 
   readSync(position: number, length: number): Buffer | undefined {

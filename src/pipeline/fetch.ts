@@ -44,11 +44,7 @@ export function normalizeSha256(hex: string): string {
 
 /** sha256 of a file, hashed as it is read (on the sha256 thread where there is one). */
 async function sha256OfFile(path: string, ctx: StageContext): Promise<string> {
-  let counted = 0;
-  const digester = new Digester((total) => {
-    ctx.progress.add(total - counted);
-    counted = total;
-  });
+  const digester = new Digester((_total, added) => ctx.progress.add(added));
   await pipeline(createReadStream(path, { highWaterMark: 1 << 20 }), digester, new Writable({ write: (_c, _e, cb) => cb() }), { signal: ctx.signal });
   return digester.digest().slice('sha256:'.length);
 }

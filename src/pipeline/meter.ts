@@ -18,14 +18,7 @@ export class LayerMeter extends Digester {
   private ended = false;
 
   constructor(opts: { hash: boolean }, onBytes?: (n: number) => void) {
-    let counted = 0;
-    super(
-      (total) => {
-        onBytes?.(total - counted);
-        counted = total;
-      },
-      { hash: opts.hash, highWaterMark: 4 << 20 },
-    );
+    super((_total, added) => onBytes?.(added), { hash: opts.hash, highWaterMark: 4 << 20 });
   }
 
   get diffId(): string {

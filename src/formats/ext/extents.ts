@@ -7,6 +7,9 @@ const EXT_INIT_MAX_LEN = 32768;
 const EXT_MAX_BLOCKS = 2 ** 32;
 const ENTRY = 12;
 
+/** The InputError of a corrupt node: the inode, the node, the problem. */
+const badIn = (vol: Volume, owner: string, where: string) => (problem: string) => new InputError(vol.input, `${owner}: extent tree ${where}: ${problem}`);
+
 /** Checks the header of a tree node; returns its eh_entries and eh_depth. */
 function header(buf: Buffer, depth: number | undefined, bad: (problem: string) => InputError): { eh_entries: number; eh_depth: number } {
   const eh_magic = buf.readUInt16LE(0);
@@ -24,7 +27,8 @@ function header(buf: Buffer, depth: number | undefined, bad: (problem: string) =
 }
 
 /** The extents of a leaf node (eh_depth 0), checked; `from` is the first logical block they may use. */
-function leaf(vol: Volume, buf: Buffer, eh_entries: number, owner: string, where: string, from: number, hi: number, bad: (problem: string) => InputError): Run[] {
+function leaf(vol: Volume, buf: Buffer, eh_entries: number, owner: string, where: string, from: number, hi: number): Run[] {
+  const bad = badIn(vol, owner, where);
   const runs: Run[] = [];
   let nextLogical = from;
   for (let i = 0; i < eh_entries; i++) {
@@ -45,7 +49,6 @@ function leaf(vol: Volume, buf: Buffer, eh_entries: number, owner: string, where
   return runs;
 }
 
-const badIn = (vol: Volume, owner: string, where: string) => (problem: string) => new InputError(vol.input, `${owner}: extent tree ${where}: ${problem}`);
 
 /**
  * The runs of an extent-mapped inode whose whole tree is its root in i_block (eh_depth 0, as for
@@ -54,7 +57,7 @@ const badIn = (vol: Volume, owner: string, where: string) => (problem: string) =
 export function rootExtentRuns(vol: Volume, i_block: Buffer, owner: string): Run[] | undefined {
   const bad = badIn(vol, owner, 'root in i_block');
   const { eh_entries, eh_depth } = header(i_block, undefined, bad);
-  return eh_depth === 0 ? leaf(vol, i_block, eh_entries, owner, 'root in i_block', 0, EXT_MAX_BLOCKS, bad) : undefined;
+  return eh_depth === 0 ? leaf(vol, i_block, eh_entries, owner, 'root in i_block', 0, EXT_MAX_BLOCKS) : undefined;
 }
 
 /**
@@ -72,7 +75,7 @@ export async function* extentRuns(vol: Volume, i_block: Buffer, owner: string): 
     const bad = badIn(vol, owner, where);
     const { eh_entries, eh_depth } = header(buf, depth, bad);
     if (eh_depth === 0) {
-      const runs = leaf(vol, buf, eh_entries, owner, where, Math.max(nextLogical, lo), hi, bad);
+      const runs = leaf(vol, buf, eh_entries, owner, where, Math.max(nextLogical, lo), hi);
       if (runs.length) nextLogical = runs[runs.length - 1]!.logical + runs[runs.length - 1]!.length;
       yield* runs;
       return;
